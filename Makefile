@@ -1,0 +1,55 @@
+# byol_fast: make install, make test, make pretrain. Every target works from a fresh clone.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+CONFIG ?= config/demo.yaml
+DATA ?=
+ARGS ?=
+DEMO := data/demo
+# GPUs to use in all; defaults to every GPU on this machine (0 on a CPU-only machine).
+GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0)
+GPUS ?= $(GPUS_HERE)
+
+.PHONY: install test test-gpu pretrain demo-data clean help
+
+help:
+	@echo "make install                  create $(VENV) with the pinned dependencies"
+	@echo "make test                     run the test suite (CPU)"
+	@echo "make pretrain                 pretrain on the generated demo dataset (config/demo.yaml)"
+	@echo "make pretrain CONFIG=config/byol_r50_in1k_300ep.yaml DATA=/imagenet GPUS=8"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
+
+demo-data: install
+	$(PY) -m byol_fast.data demo $(DEMO)
+
+# With no DATA and the demo config, the demo dataset is made first if it is missing.
+pretrain: install
+	@if [ -z "$(DATA)" ] && [ "$(CONFIG)" = "config/demo.yaml" ] && [ ! -d $(DEMO)/train ]; then \
+		$(PY) -m byol_fast.data demo $(DEMO); fi
+	$(PRETRAIN_CMD)
+
+DATA_ARG := $(if $(DATA),--data.path=$(DATA)/train)
+ifeq ($(shell [ $(GPUS) -gt 1 ] && echo multi),multi)
+PRETRAIN_CMD := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m byol_fast.train --config $(CONFIG) $(DATA_ARG) $(ARGS)
+else
+PRETRAIN_CMD := $(PY) -m byol_fast.train --config $(CONFIG) $(DATA_ARG) $(ARGS)
+endif
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,267 @@
+"""Typed, frozen run configuration.
+
+A run's configuration is built in three layers, later ones winning:
+
+1. the dataclass defaults below (the paper's values, REFERENCE.md section 1),
+2. a YAML recipe (``config/*.yaml``), a nested mapping of sections,
+3. command-line overrides ``--section.key=value`` (values parsed as YAML scalars).
+
+Unknown keys and values of the wrong type stop with a :class:`ConfigError` that names the
+dotted key and, where it came from a file, the file. Derived values (scaled learning rate,
+steps per epoch, per-GPU batch) are computed by functions elsewhere and never written back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration file, key or value; the message names which."""
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    """Augmentations of one view (BYOL Table 6). Probabilities are per image."""
+
+    crop_area: tuple[float, float] = (0.08, 1.0)  # fraction of the image area, uniform
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio, log-uniform
+    flip_p: float = 0.5  # horizontal flip
+    jitter_p: float = 0.8  # colour jitter as a whole; its four ops in random order
+    brightness: float = 0.4  # factor uniform in [1-b, 1+b] (torchvision's multiplicative form)
+    contrast: float = 0.4  # factor uniform in [1-c, 1+c], around the grey mean
+    saturation: float = 0.2  # factor uniform in [1-s, 1+s]
+    hue: float = 0.1  # shift uniform in [-h, h] of the colour wheel (0.1 = 36 degrees)
+    grayscale_p: float = 0.2  # luma copied to the three channels
+    blur_p: float = 1.0  # gaussian blur
+    blur_kernel: int = 23  # window size in pixels (10% of 224)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # sigma uniform in this range
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5  # x in [0, 1] becomes 1 - x where x >= threshold
+
+
+VIEW2_DEFAULTS = dict(blur_p=0.1, solarize_p=0.2)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how the loader runs."""
+
+    path: str = "data/demo/train"  # ImageFolder tree (class folders), flat folder, or an index file
+    image_size: int = 224  # output side of each view
+    interp: str = "cubic"  # resize filter of the random resized crop: cubic | linear
+    view1: ViewConfig = field(default_factory=ViewConfig)
+    view2: ViewConfig = field(default_factory=lambda: ViewConfig(**VIEW2_DEFAULTS))
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, on [0, 1] pixels
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    loader: str = "dali"  # dali | torchvision (the PIL reference loader)
+    decode: str = "auto"  # where DALI decodes and augments: auto (gpu when training on CUDA) | cpu | gpu
+    num_threads: int = 4  # DALI CPU threads (or DataLoader workers for the torchvision loader)
+    prefetch: int = 2  # batches DALI prepares ahead
+    hw_decoder_load: float = 0.65  # share of JPEG decoding sent to the hardware decoder (A100/H100)
+    workers: int = 0  # dataset-index scan processes (0 = all cores)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "resnet50"  # any torchvision ResNet: resnet18 ... resnet152
+    projector_hidden: int = 4096
+    projector_out: int = 256
+    predictor_hidden: int = 4096
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 0.2  # base learning rate per 256 images: lr_used = lr * batch_size / 256
+    weight_decay: float = 1.5e-6
+    momentum: float = 0.9
+    eta: float = 1e-3  # LARS trust coefficient
+    batch_size: int = 4096  # global batch over all GPUs (and accumulation steps)
+    accumulate: int = 1  # micro-batches per optimizer step, for GPUs that cannot hold batch/world
+    warmup_epochs: float = 10.0
+
+
+@dataclass(frozen=True)
+class EmaConfig:
+    tau_base: float = 0.996  # target decay at step 0; rises to 1 on a cosine
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    epochs: int = 1000
+    max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); schedules still span all epochs
+    out_dir: str = "runs/byol"
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA; fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    sync_bn: bool = True  # SyncBatchNorm across GPUs (CUDA only)
+    compile: bool = False  # torch.compile the online network
+    log_every: int = 20  # steps between metric reads (each read is a host sync)
+    checkpoint_minutes: float = 15.0  # also written at every epoch end
+
+
+CHOICES = {
+    "data.interp": ("cubic", "linear"),
+    "data.loader": ("dali", "torchvision"),
+    "data.decode": ("auto", "cpu", "gpu"),
+    "device": ("auto", "cuda", "cpu"),
+    "precision": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in that type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin in (typing.Union, types.UnionType):
+        raise ConfigError(f"{key}: union types are not supported in the config")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: dict, prefix: str = ""):
+    """Make ``cls`` from the defaults overlaid with ``values`` (nested dicts)."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(names))})")
+    default = cls()
+    kwargs = {}
+    for name in names:
+        if name in values:
+            kwargs[name] = _coerce(values[name], hints[name], prefix + name)
+        else:
+            kwargs[name] = getattr(default, name)
+    # A partial view2 section overrides the view2 defaults, not view1's.
+    if cls is DataConfig and "view2" in values:
+        kwargs["view2"] = _coerce({**VIEW2_DEFAULTS, **values["view2"]}, ViewConfig, prefix + "view2")
+    obj = cls(**kwargs)
+    _check_choices(obj, prefix)
+    return obj
+
+
+def _check_choices(obj, prefix: str) -> None:
+    for f in dataclasses.fields(obj):
+        key = prefix + f.name
+        if key in CHOICES and getattr(obj, f.name) not in CHOICES[key]:
+            raise ConfigError(f"{key}: {getattr(obj, f.name)!r} is not one of {', '.join(CHOICES[key])}")
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--optim.lr=0.3', '--epochs', '5']`` -> ``{'optim': {'lr': 0.3}, 'epochs': 5}``."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, raw = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ConfigError(f"{arg}: missing a value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--{key}: cannot parse value {raw!r}: {e}") from None
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: '{p}' is given both as a value and as a section")
+        node[parts[-1]] = value
+        i += 1
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls: type = Config):
+    """Defaults <- YAML file <- overrides; raises ConfigError naming the bad key (and file)."""
+    values: dict = {}
+    if path:
+        values = read_yaml(path)
+        try:
+            _build(cls, values)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+    if overrides:
+        extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        values = _merge(values, extra)
+    return _build(cls, values)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (tuples as lists) for YAML, JSON and checkpoints."""
+
+    def plain(v):
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,91 @@
+"""BYOL networks (REFERENCE.md section 1): encoder, projector, predictor, online and target.
+
+Shapes: images (N, 3, H, W) float -> encoder (N, F) with F the backbone width (2048 for
+ResNet-50) -> projector (N, 256) -> predictor (N, 256).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torchvision
+from torch import nn
+
+from .config import ModelConfig
+from .loss import byol_loss
+
+BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def build_encoder(name: str) -> tuple[nn.Module, int]:
+    """A randomly initialised torchvision ResNet without its classifier, and its feature width.
+
+    The classifier becomes ``nn.Identity`` (so ``fc`` holds no parameters) and the module keeps
+    torchvision's parameter names, which makes the exported state_dict load into
+    ``torchvision.models.<name>()`` with only ``fc.*`` missing.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"model.backbone: unknown backbone {name!r} (choose one of {', '.join(BACKBONES)})")
+    net = getattr(torchvision.models, name)(weights=None)
+    width = net.fc.in_features
+    net.fc = nn.Identity()
+    return net, width
+
+
+class MLP(nn.Sequential):
+    """Linear -> BatchNorm1d -> ReLU -> Linear (no bias on the last layer, as in DeepMind's code)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__(
+            nn.Linear(in_dim, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, out_dim, bias=False),
+        )
+
+
+class Tower(nn.Module):
+    """Encoder followed by projector: what both the online and the target network are made of."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.encoder, self.width = build_encoder(cfg.backbone)
+        self.projector = MLP(self.width, cfg.projector_hidden, cfg.projector_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x))
+
+
+class BYOL(nn.Module):
+    """Online tower + predictor trained by gradient; target tower updated by EMA only.
+
+    ``forward(view1, view2)`` runs each view through its own forward pass (batch-norm
+    statistics per view, never a concatenation that would mix them) and returns the summed
+    symmetric loss, so that one DDP-wrapped call covers the whole step.
+    The target runs in training mode (batch statistics) without gradients. Its parameters,
+    batch-norm gamma and beta included, follow the online ones by EMA (:meth:`update_target`);
+    its running statistics are its own, updated by its own forward passes, and unused for
+    training (evaluation uses the online encoder).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.online = Tower(cfg)
+        self.predictor = MLP(cfg.projector_out, cfg.predictor_hidden, cfg.projector_out)
+        self.target = copy.deepcopy(self.online)
+        self.target.requires_grad_(False)
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
+        z_online1, z_online2 = self.online(view1), self.online(view2)
+        q1, q2 = self.predictor(z_online1), self.predictor(z_online2)
+        with torch.no_grad():
+            z_target1, z_target2 = self.target(view1), self.target(view2)
+        loss = byol_loss(q1, q2, z_target1, z_target2)
+        return {"loss": loss, "projection": z_online1.detach()}
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """target <- tau * target + (1 - tau) * online, over parameters only, in a few fused kernels."""
+        online = list(self.online.parameters())
+        target = list(self.target.parameters())
+        torch._foreach_lerp_(target, online, 1.0 - tau)

@@ -1,0 +1,300 @@
+"""BYOL pretraining driver: ``python -m byol_fast.train --config config/demo.yaml [--key=value ...]``.
+
+Reads top to bottom: configuration, distributed setup, data, model, optimizer, resume, loop.
+The run folder (``out_dir``) holds ``config.yaml``, ``last.pt`` and TensorBoard event files; a
+second run with the same folder resumes from ``last.pt`` by itself. SIGTERM or SIGUSR1
+(preemption) finishes the current step, writes a checkpoint and exits with status 75 so a
+scheduler can requeue the job.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from . import checkpoint as ckpt
+from . import dist
+from .config import Config, ConfigError, load_config, to_dict, to_yaml
+from .metrics import Throughput, Writer, collapse_stats
+from .model import BYOL
+from .optim import LARS, param_groups
+from .schedules import lr_at, scaled_lr, tau_at
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the same command again
+
+
+# ---------------------------------------------------------------------------- derived settings
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' was asked for but no CUDA GPU is visible (use --device=cpu or auto)")
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on the CPU."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type == "cpu"):
+        return torch.float32
+    if cfg.precision in ("bf16", "fp16") and device.type == "cpu":
+        raise ConfigError(f"precision: {cfg.precision!r} mixed precision needs a CUDA GPU (use fp32 or auto on the CPU)")
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+def micro_batch_size(cfg: Config, world_size: int) -> int:
+    """Per-GPU batch of one forward pass: global batch / (world size x accumulation steps)."""
+    parts = world_size * cfg.optim.accumulate
+    if cfg.optim.accumulate < 1 or cfg.optim.batch_size % parts:
+        raise ConfigError(f"optim.batch_size: {cfg.optim.batch_size} does not divide into {world_size} processes "
+                          f"x {cfg.optim.accumulate} accumulation steps")
+    return cfg.optim.batch_size // parts
+
+
+def decode_device(cfg: Config, device: torch.device) -> str:
+    return ("gpu" if device.type == "cuda" else "cpu") if cfg.data.decode == "auto" else cfg.data.decode
+
+
+# ---------------------------------------------------------------------------- data
+
+
+def build_loader(cfg: Config, info: dist.DistInfo, device: torch.device, batch: int):
+    """The two-view loader for this rank: DALI (default) or the torchvision/PIL reference."""
+    from .data import load_index
+
+    files = load_index(cfg.data.path).files
+    if cfg.data.loader == "torchvision":
+        from pipelines.reference import TorchvisionTwoViewLoader
+
+        return TorchvisionTwoViewLoader(files, cfg.data, batch, cfg.data.num_threads, info.rank,
+                                        info.world_size, cfg.seed)
+    from pipelines.loader import DaliTwoViewLoader
+
+    where = decode_device(cfg, device)
+    if where == "gpu" and device.type != "cuda":
+        raise ConfigError("data.decode: 'gpu' needs training on a CUDA GPU")
+    return DaliTwoViewLoader(files, cfg.data, batch, where, info.rank, info.world_size, info.local_rank,
+                             cfg.seed, device)
+
+
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return x.to(device, non_blocking=True, memory_format=fmt)
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+class Run:
+    """Everything one pretraining process holds; :meth:`fit` is the loop."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.info = dist.setup(resolve_device(cfg))
+        self.device = dist.local_device(resolve_device(cfg), self.info)
+        self.out = Path(cfg.out_dir)
+        torch.manual_seed(cfg.seed + self.info.rank)
+        self.log(f"byol_fast {ckpt.git_revision()} | {self.info.world_size} process(es) on {self.device}")
+        self.log("resolved config:\n" + to_yaml(cfg))
+        if self.info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+
+        self.batch = micro_batch_size(cfg, self.info.world_size)
+        self.loader = build_loader(cfg, self.info, self.device, self.batch)
+        self.steps_per_epoch = self.loader.steps_per_epoch // cfg.optim.accumulate
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"optim.accumulate: {cfg.optim.accumulate} micro-batches exceed the "
+                              f"{self.loader.steps_per_epoch} per epoch")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
+        self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.batch_size)
+
+        self.amp_dtype = resolve_precision(cfg, self.device)
+        byol = BYOL(cfg.model)
+        self.model = dist.wrap(byol, self.device, self.info, cfg.sync_bn, cfg.channels_last)
+        self.byol = dist.unwrap(self.model)
+        trainable = torch.nn.ModuleList([self.byol.online, self.byol.predictor])
+        self.optimizer = LARS(param_groups(trainable, cfg.optim.weight_decay), lr=self.peak_lr,
+                              momentum=cfg.optim.momentum, eta=cfg.optim.eta)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.step = 0
+        self.writer = Writer(str(self.out), self.info.is_main)
+        self.stop_requested = False
+        self.resume()
+
+    def log(self, msg: str) -> None:
+        if self.info.is_main:
+            print(msg, flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state(self) -> dict:
+        return {"step": self.step, "online": self.byol.online.state_dict(),
+                "predictor": self.byol.predictor.state_dict(), "target": self.byol.target.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": ckpt.rng_state(), "loader": self._loader_states(), "config": to_dict(self.cfg),
+                "git": ckpt.git_revision(), "world_size": self.info.world_size}
+
+    def _loader_states(self) -> list | None:
+        """Every rank's loader position (DALI checkpoint), gathered for rank 0 to save."""
+        state = self.loader.state_dict() if hasattr(self.loader, "state_dict") else None
+        if tdist.is_initialized():
+            states = [None] * self.info.world_size
+            tdist.all_gather_object(states, state)
+            return states
+        return [state]
+
+    def save(self) -> None:
+        state = self.state()  # every rank takes part in gathering loader states
+        if self.info.is_main:
+            ckpt.atomic_save(state, self.out / ckpt.LAST)
+            self.log(f"saved {self.out / ckpt.LAST} at step {self.step}")
+        self.last_save = time.monotonic()
+
+    def resume(self) -> None:
+        self.last_save = time.monotonic()
+        path = self.out / ckpt.LAST
+        if not path.exists():
+            return
+        state = ckpt.load(path)
+        saved = state.get("config", {}).get("model")
+        if saved and saved != to_dict(self.cfg)["model"]:
+            raise ckpt.CheckpointError(f"{path} holds a different model ({saved}) from this config's "
+                                       f"({to_dict(self.cfg)['model']}): use another out_dir")
+        try:
+            self.byol.online.load_state_dict(state["online"])
+            self.byol.predictor.load_state_dict(state["predictor"])
+            self.byol.target.load_state_dict(state["target"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, RuntimeError) as e:
+            raise ckpt.CheckpointError(f"{path} does not fit this model: {e}") from None
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        loaders = state.get("loader") or []
+        if (hasattr(self.loader, "load_state_dict") and len(loaders) == self.info.world_size
+                and loaders[self.info.rank] is not None):
+            self.loader.load_state_dict(loaders[self.info.rank])
+        self.step = state["step"]
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, micro_batches) -> torch.Tensor:
+        """Forward/backward over the micro-batches, LARS step, EMA update. Returns the loss (device tensor)."""
+        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for i, (view1, view2) in enumerate(micro_batches):
+            last = i == n - 1
+            # DDP all-reduces gradients only on the last micro-batch.
+            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
+            with sync:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                    out = self.forward(view1, view2)
+                self.scaler.scale(out["loss"] / n).backward()
+            total += out["loss"].detach() / n
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.byol.update_target(tau_at(self.step, self.total_steps, self.cfg.ema.tau_base))
+        self.step += 1
+        self.last_projection = out["projection"]
+        return total
+
+    # ------------------------------------------------------------------ the loop
+
+    def _on_signal(self, signum, frame) -> None:
+        self.log(f"received signal {signum}: finishing the step, then saving")
+        self.stop_requested = True
+
+    def _agree(self, want_save: bool) -> tuple[bool, bool]:
+        """All ranks agree on (stop, save) at the same step, or collectives would deadlock."""
+        flags = torch.tensor([float(self.stop_requested), float(want_save)], device=self.device)
+        if tdist.is_initialized():
+            tdist.all_reduce(flags, op=tdist.ReduceOp.MAX)
+        stop, save = flags.tolist()
+        return bool(stop), bool(save)
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        last_step = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
+        self.log(f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {self.total_steps} steps; "
+                 f"global batch {cfg.optim.batch_size} ({self.batch}/process x {self.info.world_size} "
+                 f"x {cfg.optim.accumulate} accumulation); peak lr {self.peak_lr:g}; precision {self.amp_dtype}")
+        self.byol.train()
+        meter, loss_sum, since_log = Throughput(), torch.zeros((), device=self.device), 0
+        images_per_step = cfg.optim.batch_size
+        stream = self._batches()
+        while self.step < last_step:
+            loss_sum += self.train_step([next(stream) for _ in range(cfg.optim.accumulate)])
+            since_log += 1
+            meter.add(images_per_step)
+            epoch_end = self.step % self.steps_per_epoch == 0
+            if since_log == cfg.log_every or epoch_end or self.step == last_step:
+                self._report(loss_sum / since_log, meter.read())  # host sync: reads the loss
+                loss_sum.zero_()
+                since_log = 0
+                due = time.monotonic() - self.last_save > 60 * cfg.checkpoint_minutes
+                stop, save = self._agree(due or epoch_end)
+                if save or stop or self.step == last_step:
+                    self.save()
+                if stop:
+                    self.log(f"stopped at step {self.step}; run the same command to resume")
+                    return PREEMPTED_EXIT
+        self.writer.close()
+        self.log(f"done: {self.step} steps")
+        return 0
+
+    def _batches(self):
+        """An endless stream of (view1, view2) micro-batches on the training device."""
+        while True:
+            for view1, view2 in self.loader:
+                yield (to_device(view1, self.device, self.cfg.channels_last),
+                       to_device(view2, self.device, self.cfg.channels_last))
+
+    def _report(self, loss: torch.Tensor, images_per_s: float) -> None:
+        loss = dist.all_reduce_mean(loss).item()
+        epoch = (self.step - 1) // self.steps_per_epoch
+        lr = self.optimizer.param_groups[0]["lr"]
+        tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
+        stats = {k: v.item() for k, v in collapse_stats(self.last_projection).items()}
+        self.log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} tau {tau:.5f} "
+                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f}")
+        self.writer.scalars({"train/loss": loss, "train/lr": lr, "train/tau": tau,
+                             "train/img_per_s": images_per_s, **stats}, self.step)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m byol_fast.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML recipe (config/*.yaml); defaults are the paper's 1000-epoch run")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        run = Run(cfg)
+        code = run.fit()
+    except (ConfigError, ckpt.CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        dist.teardown()
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
