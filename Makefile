@@ -9,7 +9,7 @@ DATA ?=
 ARGS ?=
 DEMO := data/demo
 # GPUs to use in all; defaults to every GPU on this machine (0 on a CPU-only machine).
-GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 0)
+GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPUS ?= $(GPUS_HERE)
 
 .PHONY: install test test-gpu pretrain demo-data clean help

@@ -9,7 +9,6 @@ scheduler can requeue the job.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
 import sys
 import time
@@ -22,8 +21,7 @@ from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ConfigError, load_config, to_dict, to_yaml
 from .metrics import Throughput, Writer, collapse_stats
-from .model import BYOL
-from .optim import LARS, param_groups
+from .learner import Learner
 from .schedules import lr_at, scaled_lr, tau_at
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the same command again
@@ -38,17 +36,6 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda")
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype:
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on the CPU."""
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type == "cpu"):
-        return torch.float32
-    if cfg.precision in ("bf16", "fp16") and device.type == "cpu":
-        raise ConfigError(f"precision: {cfg.precision!r} mixed precision needs a CUDA GPU (use fp32 or auto on the CPU)")
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
 
 
 def micro_batch_size(cfg: Config, world_size: int) -> int:
@@ -119,15 +106,7 @@ class Run:
         self.warmup_steps = round(cfg.optim.warmup_epochs * self.steps_per_epoch)
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.batch_size)
 
-        self.amp_dtype = resolve_precision(cfg, self.device)
-        byol = BYOL(cfg.model)
-        self.model = dist.wrap(byol, self.device, self.info, cfg.sync_bn, cfg.channels_last)
-        self.byol = dist.unwrap(self.model)
-        trainable = torch.nn.ModuleList([self.byol.online, self.byol.predictor])
-        self.optimizer = LARS(param_groups(trainable, cfg.optim.weight_decay), lr=self.peak_lr,
-                              momentum=cfg.optim.momentum, eta=cfg.optim.eta)
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.learner = Learner(cfg, self.device, self.info)
         self.step = 0
         self.writer = Writer(str(self.out), self.info.is_main)
         self.stop_requested = False
@@ -140,10 +119,7 @@ class Run:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
-        return {"step": self.step, "online": self.byol.online.state_dict(),
-                "predictor": self.byol.predictor.state_dict(), "target": self.byol.target.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": ckpt.rng_state(), "loader": self._loader_states(), "config": to_dict(self.cfg),
+        return {"step": self.step, **self.learner.state_dict(), "rng": ckpt.rng_state(), "loader": self._loader_states(), "config": to_dict(self.cfg),
                 "git": ckpt.git_revision(), "world_size": self.info.world_size}
 
     def _loader_states(self) -> list | None:
@@ -173,13 +149,9 @@ class Run:
             raise ckpt.CheckpointError(f"{path} holds a different model ({saved}) from this config's "
                                        f"({to_dict(self.cfg)['model']}): use another out_dir")
         try:
-            self.byol.online.load_state_dict(state["online"])
-            self.byol.predictor.load_state_dict(state["predictor"])
-            self.byol.target.load_state_dict(state["target"])
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, RuntimeError) as e:
+            self.learner.load_state_dict(state)
+        except (KeyError, RuntimeError, ValueError) as e:
             raise ckpt.CheckpointError(f"{path} does not fit this model: {e}") from None
-        self.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         loaders = state.get("loader") or []
         if (hasattr(self.loader, "load_state_dict") and len(loaders) == self.info.world_size
@@ -187,32 +159,6 @@ class Run:
             self.loader.load_state_dict(loaders[self.info.rank])
         self.step = state["step"]
         self.log(f"resumed from {path} at step {self.step}")
-
-    # ------------------------------------------------------------------ one step
-
-    def train_step(self, micro_batches) -> torch.Tensor:
-        """Forward/backward over the micro-batches, LARS step, EMA update. Returns the loss (device tensor)."""
-        lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        total = torch.zeros((), device=self.device)
-        n = len(micro_batches)
-        for i, (view1, view2) in enumerate(micro_batches):
-            last = i == n - 1
-            # DDP all-reduces gradients only on the last micro-batch.
-            sync = contextlib.nullcontext() if last or not hasattr(self.model, "no_sync") else self.model.no_sync()
-            with sync:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-                    out = self.forward(view1, view2)
-                self.scaler.scale(out["loss"] / n).backward()
-            total += out["loss"].detach() / n
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.byol.update_target(tau_at(self.step, self.total_steps, self.cfg.ema.tau_base))
-        self.step += 1
-        self.last_projection = out["projection"]
-        return total
 
     # ------------------------------------------------------------------ the loop
 
@@ -235,13 +181,16 @@ class Run:
         last_step = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
         self.log(f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {self.total_steps} steps; "
                  f"global batch {cfg.optim.batch_size} ({self.batch}/process x {self.info.world_size} "
-                 f"x {cfg.optim.accumulate} accumulation); peak lr {self.peak_lr:g}; precision {self.amp_dtype}")
-        self.byol.train()
+                 f"x {cfg.optim.accumulate} accumulation); peak lr {self.peak_lr:g}; precision {self.learner.amp_dtype}")
+        self.learner.model.train()
         meter, loss_sum, since_log = Throughput(), torch.zeros((), device=self.device), 0
         images_per_step = cfg.optim.batch_size
         stream = self._batches()
         while self.step < last_step:
-            loss_sum += self.train_step([next(stream) for _ in range(cfg.optim.accumulate)])
+            lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
+            tau = tau_at(self.step, self.total_steps, cfg.ema.tau_base)
+            loss_sum += self.learner.step([next(stream) for _ in range(cfg.optim.accumulate)], lr, tau)
+            self.step += 1
             since_log += 1
             meter.add(images_per_step)
             epoch_end = self.step % self.steps_per_epoch == 0
@@ -270,9 +219,9 @@ class Run:
     def _report(self, loss: torch.Tensor, images_per_s: float) -> None:
         loss = dist.all_reduce_mean(loss).item()
         epoch = (self.step - 1) // self.steps_per_epoch
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.learner.optimizer.param_groups[0]["lr"]
         tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
-        stats = {k: v.item() for k, v in collapse_stats(self.last_projection).items()}
+        stats = {k: v.item() for k, v in collapse_stats(self.learner.last_projection).items()}
         self.log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} tau {tau:.5f} "
                  f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f}")
         self.writer.scalars({"train/loss": loss, "train/lr": lr, "train/tau": tau,

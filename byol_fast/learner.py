@@ -1,0 +1,79 @@
+"""One BYOL optimisation step, independent of data, logging and checkpoint files.
+
+Used by the training driver and by ``benchmarks/throughput.py`` so that both time the same
+code: wrapping (SyncBN -> device/channels_last -> autocast -> DDP), LARS, EMA.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from . import dist
+from .config import Config, ConfigError
+from .model import BYOL
+from .optim import LARS, param_groups
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on the CPU."""
+    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type == "cpu"):
+        return torch.float32
+    if cfg.precision in ("bf16", "fp16") and device.type == "cpu":
+        raise ConfigError(f"precision: {cfg.precision!r} mixed precision needs a CUDA GPU (use fp32 or auto on the CPU)")
+    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    return torch.float16
+
+
+class Learner:
+    """The wrapped BYOL model, its LARS optimizer and its precision policy."""
+
+    def __init__(self, cfg: Config, device: torch.device, info: dist.DistInfo):
+        self.cfg, self.device = cfg, device
+        self.amp_dtype = resolve_precision(cfg, device)
+        self.model = dist.wrap(BYOL(cfg.model), device, info, cfg.sync_bn, cfg.channels_last)
+        self.byol: BYOL = dist.unwrap(self.model)
+        trainable = torch.nn.ModuleList([self.byol.online, self.byol.predictor])
+        self.optimizer = LARS(param_groups(trainable, cfg.optim.weight_decay), lr=0.0,
+                              momentum=cfg.optim.momentum, eta=cfg.optim.eta)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        self.last_projection: torch.Tensor | None = None
+
+    def step(self, micro_batches, lr: float, tau: float) -> torch.Tensor:
+        """Forward/backward over the micro-batches, one LARS step, one EMA update.
+
+        ``micro_batches`` is a list of (view1, view2) pairs, each (N, 3, H, W) on the device.
+        Returns the mean loss as a device tensor (reading it is a host sync: the caller decides when).
+        """
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for i, (view1, view2) in enumerate(micro_batches):
+            # DDP all-reduces gradients only on the last micro-batch.
+            accumulating = i < n - 1 and hasattr(self.model, "no_sync")
+            with self.model.no_sync() if accumulating else contextlib.nullcontext():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                    out = self.forward(view1, view2)
+                self.scaler.scale(out["loss"] / n).backward()
+            total += out["loss"].detach() / n
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.byol.update_target(tau)
+        self.last_projection = out["projection"]
+        return total
+
+    def state_dict(self) -> dict:
+        return {"online": self.byol.online.state_dict(), "predictor": self.byol.predictor.state_dict(),
+                "target": self.byol.target.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.byol.online.load_state_dict(state["online"])
+        self.byol.predictor.load_state_dict(state["predictor"])
+        self.byol.target.load_state_dict(state["target"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
