@@ -20,6 +20,7 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ConfigError, load_config, to_dict, to_yaml
+from .data import DatasetError, load_index
 from .metrics import Throughput, Writer, collapse_stats
 from .learner import Learner
 from .schedules import lr_at, scaled_lr, tau_at
@@ -56,8 +57,6 @@ def decode_device(cfg: Config, device: torch.device) -> str:
 
 def build_loader(cfg: Config, info: dist.DistInfo, device: torch.device, batch: int):
     """The two-view loader for this rank: DALI (default) or the torchvision/PIL reference."""
-    from .data import load_index
-
     files = load_index(cfg.data.path).files
     if cfg.data.loader == "torchvision":
         from pipelines.reference import TorchvisionTwoViewLoader
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         run = Run(cfg)
         code = run.fit()
-    except (ConfigError, ckpt.CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, ckpt.CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
