@@ -9,6 +9,7 @@ DATA ?=
 ARGS ?=
 DEMO := data/demo
 # GPUs to use in all; defaults to every GPU on this machine (0 on a CPU-only machine).
+# GPUS_PER_NODE (default: this machine's GPUs, or 8) sets the node size for multi-node runs.
 GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPUS ?= $(GPUS_HERE)
 
@@ -39,17 +40,18 @@ demo-data: install
 	$(PY) -m byol_fast.data demo $(DEMO)
 
 # With no DATA and the demo config, the demo dataset is made first if it is missing.
+# The launch (one process, torchrun on this node, torchrun across nodes, or srun under SLURM) is
+# worked out by byol_fast.launch; `make -n pretrain GPUS=32 ...` prints the exact command.
+TRAIN_ARGS = --config $(CONFIG) $(if $(DATA),--data.path=$(DATA)/train) $(ARGS)
+LAUNCH_ARGS = --gpus $(GPUS) --python $(PY) --max-restarts $(MAX_RESTARTS) -- $(TRAIN_ARGS)
+MAX_RESTARTS ?= 0
+LAUNCH_ENV = $(foreach v,NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE,$(if $($(v)),$(v)=$($(v))))
+LAUNCH = $(shell env $(LAUNCH_ENV) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m byol_fast.launch --print $(LAUNCH_ARGS) 2>/dev/null)
+
 pretrain: install
 	@if [ -z "$(DATA)" ] && [ "$(CONFIG)" = "config/demo.yaml" ] && [ ! -d $(DEMO)/train ]; then \
 		$(PY) -m byol_fast.data demo $(DEMO); fi
-	$(PRETRAIN_CMD)
-
-DATA_ARG := $(if $(DATA),--data.path=$(DATA)/train)
-ifeq ($(shell [ $(GPUS) -gt 1 ] && echo multi),multi)
-PRETRAIN_CMD := $(VENV)/bin/torchrun --standalone --nproc_per_node=$(GPUS) -m byol_fast.train --config $(CONFIG) $(DATA_ARG) $(ARGS)
-else
-PRETRAIN_CMD := $(PY) -m byol_fast.train --config $(CONFIG) $(DATA_ARG) $(ARGS)
-endif
+	$(if $(LAUNCH),$(LAUNCH),env $(LAUNCH_ENV) $(PY) -m byol_fast.launch $(LAUNCH_ARGS))
 
 clean:
 	rm -rf runs .pytest_cache
