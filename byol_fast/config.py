@@ -109,6 +109,7 @@ class Config:
     compile: bool = False  # torch.compile the online network
     log_every: int = 20  # steps between metric reads (each read is a host sync)
     checkpoint_minutes: float = 15.0  # also written at every epoch end
+    max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) steps in a row
 
 
 CHOICES = {

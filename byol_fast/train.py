@@ -25,6 +25,10 @@ from .metrics import Throughput, Writer, collapse_stats
 from .learner import Learner
 from .schedules import lr_at, scaled_lr, tau_at
 
+class DivergedError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the same command again
 
 
@@ -182,21 +186,26 @@ class Run:
                  f"global batch {cfg.optim.batch_size} ({self.batch}/process x {self.info.world_size} "
                  f"x {cfg.optim.accumulate} accumulation); peak lr {self.peak_lr:g}; precision {self.learner.amp_dtype}")
         self.learner.model.train()
-        meter, loss_sum, since_log = Throughput(), torch.zeros((), device=self.device), 0
+        meter, loss_sum, counted, since_log = Throughput(), torch.zeros((), device=self.device), 0, 0
         images_per_step = cfg.optim.batch_size
         stream = self._batches()
         while self.step < last_step:
             lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
             tau = tau_at(self.step, self.total_steps, cfg.ema.tau_base)
-            loss_sum += self.learner.step([next(stream) for _ in range(cfg.optim.accumulate)], lr, tau)
+            loss = self.learner.step([next(stream) for _ in range(cfg.optim.accumulate)], lr, tau)
             self.step += 1
+            if self.learner.skipped_in_row:
+                self._on_nonfinite()
+            else:
+                loss_sum += loss
+                counted += 1
             since_log += 1
             meter.add(images_per_step)
             epoch_end = self.step % self.steps_per_epoch == 0
             if since_log == cfg.log_every or epoch_end or self.step == last_step:
-                self._report(loss_sum / since_log, meter.read())  # host sync: reads the loss
+                self._report(loss_sum / max(counted, 1), meter.read())  # host sync: reads the loss
                 loss_sum.zero_()
-                since_log = 0
+                counted = since_log = 0
                 due = time.monotonic() - self.last_save > 60 * cfg.checkpoint_minutes
                 stop, save = self._agree(due or epoch_end)
                 if save or stop or self.step == last_step:
@@ -207,6 +216,18 @@ class Run:
         self.writer.close()
         self.log(f"done: {self.step} steps")
         return 0
+
+    def _on_nonfinite(self) -> None:
+        """A skipped step still counts (schedules stay on time); too many in a row end the run."""
+        n = self.learner.skipped_in_row
+        self.log(f"step {self.step}: non-finite loss or gradients, step skipped ({n} in a row, "
+                 f"{self.learner.skipped_total} in all)")
+        self.writer.scalars({"train/skipped_steps": self.learner.skipped_total}, self.step)
+        if n >= self.cfg.max_nonfinite_steps:
+            raise DivergedError(
+                f"{n} non-finite steps in a row at step {self.step}: training diverged. Likely causes: a learning "
+                f"rate too high for this batch (optim.lr={self.cfg.optim.lr}), fp16 overflow (try --precision=bf16 "
+                f"or fp32), or bad input data. The last checkpoint ({self.out / ckpt.LAST}) is from before.")
 
     def _batches(self):
         """An endless stream of (view1, view2) micro-batches on the training device."""
@@ -236,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides)
         run = Run(cfg)
         code = run.fit()
-    except (ConfigError, DatasetError, ckpt.CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, DatasetError, ckpt.CheckpointError, DivergedError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
