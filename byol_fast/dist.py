@@ -100,6 +100,11 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         t = t.clone()

@@ -59,9 +59,21 @@ def decode_device(cfg: Config, device: torch.device) -> str:
 # ---------------------------------------------------------------------------- data
 
 
+def dataset_files(cfg: Config, info: dist.DistInfo) -> list[str]:
+    """The indexed (checked) image files: rank 0 scans or refreshes the index, the others then reuse it."""
+    if info.is_main:
+        index = load_index(cfg.data.path, workers=cfg.data.workers, progress=True)
+    dist.barrier()
+    if not info.is_main:
+        index = load_index(cfg.data.path, progress=False)
+    if index.skipped and info.is_main:
+        print(f"index: {len(index.files)} images, {len(index.skipped)} left out (see {index.report_path})", flush=True)
+    return index.files
+
+
 def build_loader(cfg: Config, info: dist.DistInfo, device: torch.device, batch: int):
     """The two-view loader for this rank: DALI (default) or the torchvision/PIL reference."""
-    files = load_index(cfg.data.path).files
+    files = dataset_files(cfg, info)
     if cfg.data.loader == "torchvision":
         from pipelines.reference import TorchvisionTwoViewLoader
 
