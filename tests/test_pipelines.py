@@ -1,0 +1,315 @@
+"""The DALI pipelines on the CPU: shapes, determinism, sharding, and each op against an independent reference.
+
+Op tests use lossless PNGs of the output size with a full-image crop (area 1, aspect 1), so the crop is
+the identity and each op can be compared pixel for pixel with a formula or with torchvision's functional
+op on the same uint8 image. One uint8 level is 1 / (255 * std) after normalisation: tolerances are in levels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from byol_fast.config import DataConfig, ViewConfig
+from pipelines import pretrain
+from pipelines.linear_eval import DaliLinearLoader, shard_size
+from pipelines.loader import DaliTwoViewLoader, steps_per_epoch
+from pipelines.pretrain import build_pretrain_pipeline
+
+S = 32  # output side of the op tests, and the side of their square PNGs
+MEAN = np.array(DataConfig().mean, np.float32)
+STD = np.array(DataConfig().std, np.float32)
+LEVEL = 1.0 / (255.0 * STD.min())  # one uint8 step, normalised
+IDENTITY = ViewConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                      blur_p=0.0, solarize_p=0.0)
+
+
+def data_config(view1=IDENTITY, view2=IDENTITY, **kw) -> DataConfig:
+    return DataConfig(**{"image_size": S, "num_threads": 2, "view1": view1, "view2": view2, **kw})
+
+
+def only(**kw) -> ViewConfig:
+    """The identity view with some knobs changed."""
+    return dataclasses.replace(IDENTITY, **kw)
+
+
+def run_views(files, data, batch_size, seed=0, shard=(0, 1)):
+    """One batch of the CPU pipeline -> (view1, view2) as numpy float32 (N, S, S, 3)."""
+    pipe = build_pretrain_pipeline(files, data, batch_size, "cpu", shard[0], shard[1], None, seed)
+    view1, view2 = pipe.run()
+    return view1.as_array(), view2.as_array()
+
+
+def denormalise(x: np.ndarray) -> np.ndarray:
+    """Normalised float HWC -> the uint8-scale pixel values (float) it was made from."""
+    return (x * STD + MEAN) * 255.0
+
+
+def normalise(u8: np.ndarray) -> np.ndarray:
+    return (u8.astype(np.float32) / 255.0 - MEAN) / STD
+
+
+def chw(u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(u8)).permute(2, 0, 1)
+
+
+def hwc(t: torch.Tensor) -> np.ndarray:
+    return t.permute(1, 2, 0).numpy()
+
+
+def save(path, array) -> str:
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------- images
+
+
+def smooth_texture(rng, h, w) -> np.ndarray:
+    """A colourful uint8 image, smooth like a photo (upsampled noise), covering most of [0, 255]."""
+    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    jpegs = [save(root / f"photo{i:02d}.jpg", smooth_texture(rng, 48, 64)) for i in range(16)]
+    texture = smooth_texture(rng, S, S)
+    ramp = np.broadcast_to(np.linspace(0, 255, S * S).reshape(S, S, 1).round().astype(np.uint8), (S, S, 3)).copy()
+    ramp[..., 1] = ramp[..., 1].T  # channels differ, so channel mix-ups show
+    greys = [save(root / f"grey{i:02d}.png", np.full((S, S, 3), 8 + 15 * i, np.uint8)) for i in range(16)]
+    return dict(jpegs=jpegs, texture=texture, texture_png=save(root / "texture.png", texture), ramp=ramp,
+                ramp_png=save(root / "ramp.png", ramp), greys=greys)
+
+
+# ---------------------------------------------------------------------------- loader
+
+
+def test_loader_shapes_layout_and_epochs(images):
+    data = DataConfig(image_size=S, num_threads=2)  # the paper's recipe
+    loader = DaliTwoViewLoader(images["jpegs"], data, 4, "cpu", 0, 1, 0, 0, torch.device("cpu"))
+    assert loader.steps_per_epoch == len(loader) == 4
+    for epoch in range(2):
+        batches = list(loader)
+        assert len(batches) == 4
+        for view1, view2 in batches:
+            for v in (view1, view2):
+                assert v.shape == (4, 3, S, S) and v.dtype == torch.float32
+                assert v.is_contiguous(memory_format=torch.channels_last)  # NHWC memory, as documented
+                assert torch.isfinite(v).all()
+            assert not torch.equal(view1, view2)  # two independent crops + augmentations
+
+
+def test_steps_per_epoch_is_the_same_on_every_rank_and_rejects_too_few_files():
+    assert steps_per_epoch(1000, 32, 3) == 10  # 1000 // 96, whatever a rank's shard size
+    with pytest.raises(ValueError, match=r"10 files .* 4 images per rank x 3 ranks"):
+        steps_per_epoch(10, 4, 3)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(images):
+    data = DataConfig(image_size=S, num_threads=2)
+    a = run_views(images["jpegs"], data, 8, seed=3)
+    b = run_views(images["jpegs"], data, 8, seed=3)
+    c = run_views(images["jpegs"], data, 8, seed=4)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[0], c[0])
+
+
+def file_ids(batch: np.ndarray) -> list[int]:
+    """Which grey image (8 + 15 i) each sample of an identity-augmented batch is."""
+    grey = denormalise(batch).mean(axis=(1, 2, 3))
+    return [int(round((g - 8) / 15)) for g in grey]
+
+
+def test_two_shards_read_disjoint_files_covering_all(images):
+    data = data_config()
+    shards = []
+    for rank in range(2):
+        loader = DaliTwoViewLoader(images["greys"], data, 4, "cpu", rank, 2, 0, 0, torch.device("cpu"))
+        ids = [i for view1, _ in loader for i in file_ids(view1.permute(0, 2, 3, 1).numpy())]
+        assert len(ids) == 8 and len(set(ids)) == 8  # 16 files // (4 x 2 ranks) = 2 steps of 4
+        shards.append(set(ids))
+    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(16))
+
+
+def test_state_dict_resumes_mid_epoch_exactly(images):
+    data = DataConfig(image_size=S, num_threads=2)
+    make = lambda: DaliTwoViewLoader(images["jpegs"], data, 4, "cpu", 0, 1, 0, 7, torch.device("cpu"))  # noqa: E731
+    loader, state, after = make(), None, []
+    for step, (view1, view2) in enumerate(loader):
+        if step == 1:
+            state = loader.state_dict()
+        elif step > 1:
+            after.append((view1.clone(), view2.clone()))
+    after += [(a.clone(), b.clone()) for a, b in list(loader)[:2]]  # and into the next epoch
+    resumed = make()
+    resumed.load_state_dict(state)
+    again = list(resumed) + list(resumed)[:2]
+    assert len(again) == len(after) == 4
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(after, again))
+
+
+# ---------------------------------------------------------------------------- ops, one at a time
+
+
+def test_identity_recipe_returns_the_normalised_image(images):
+    view1, view2 = run_views([images["ramp_png"]], data_config(), 2)
+    expected = normalise(images["ramp"])
+    for v in (view1, view2):
+        np.testing.assert_allclose(v, np.broadcast_to(expected, v.shape), atol=1e-5)
+
+
+def test_normalisation_of_a_constant_colour_is_exact(images):
+    grey = 8 + 15 * 5
+    view1, _ = run_views([images["greys"][5]], data_config(mean=(0.3, 0.5, 0.7), std=(0.1, 0.2, 0.3)), 1)
+    expected = (grey / 255.0 - np.array([0.3, 0.5, 0.7])) / np.array([0.1, 0.2, 0.3])
+    np.testing.assert_allclose(view1[0], np.broadcast_to(expected, (S, S, 3)), atol=1e-5)
+
+
+def test_flip_mirrors_the_image(images):
+    view1, view2 = run_views([images["ramp_png"]], data_config(only(flip_p=1.0)), 2)
+    np.testing.assert_allclose(view1, np.broadcast_to(normalise(images["ramp"][:, ::-1]), view1.shape), atol=1e-5)
+    np.testing.assert_allclose(view2, np.broadcast_to(normalise(images["ramp"]), view2.shape), atol=1e-5)
+
+
+def test_solarize_inverts_pixels_at_or_above_the_threshold(images):
+    ramp = images["ramp"]
+    view1, view2 = run_views([images["ramp_png"]], data_config(view2=only(solarize_p=1.0, solarize_threshold=0.5)), 2)
+    expected = np.where(ramp / 255.0 >= 0.5, 255 - ramp, ramp).astype(np.uint8)  # DeepMind: x >= 0.5 -> 1 - x
+    assert (expected != ramp).any() and (expected == ramp).any()
+    np.testing.assert_allclose(view2, np.broadcast_to(normalise(expected), view2.shape), atol=1e-5)
+    np.testing.assert_allclose(view1, np.broadcast_to(normalise(ramp), view1.shape), atol=1e-5)
+
+
+def test_grayscale_copies_the_luma_to_three_channels(images):
+    view1, _ = run_views([images["texture_png"]], data_config(only(grayscale_p=1.0)), 2)
+    out = denormalise(view1)
+    luma = images["texture"].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    np.testing.assert_allclose(out, np.broadcast_to(luma[..., None], out.shape), atol=0.5 + 1e-3)
+
+
+def test_blur_with_fixed_sigma_matches_torchvision(images):
+    sigma = 1.3
+    view1, _ = run_views([images["texture_png"]], data_config(only(blur_p=1.0, blur_kernel=23, blur_sigma=(sigma, sigma))), 2)
+    expected = hwc(TF.gaussian_blur(chw(images["texture"]), [23, 23], [sigma, sigma]))  # uint8, reflect borders
+    assert not np.array_equal(expected, images["texture"])
+    np.testing.assert_allclose(denormalise(view1), np.broadcast_to(expected, view1.shape).astype(np.float32), atol=1.0 + 1e-3)
+
+
+def fitted(out_u8: np.ndarray, candidates, make) -> tuple[float, float]:
+    """Best candidate factor f (and its max abs error, in levels) for out = make(f)."""
+    errors = [np.abs(out_u8 - make(f)).max() for f in candidates]
+    best = int(np.argmin(errors))
+    return candidates[best], errors[best]
+
+
+@pytest.mark.parametrize(
+    "knob, strength, torchvision_op",
+    [
+        ("brightness", 0.4, TF.adjust_brightness),
+        ("contrast", 0.4, TF.adjust_contrast),
+        ("saturation", 0.4, TF.adjust_saturation),
+    ],
+)
+def test_single_jitter_op_matches_torchvision_for_some_factor_in_range(images, knob, strength, torchvision_op):
+    view = only(jitter_p=1.0, **{**dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0), knob: strength})
+    view1, _ = run_views([images["texture_png"]] * 4, data_config(view), 4, seed=1)
+    img = chw(images["texture"]).float() / 255.0
+    factors = list(np.linspace(1 - strength, 1 + strength, 161))
+    found = []
+    for out in denormalise(view1):
+        f, err = fitted(out, factors, lambda f: hwc(torchvision_op(img, f)) * 255.0)
+        assert err <= 1.0 + 1e-3, f"{knob}: no factor in range reproduces the output (best {f:.3f}, error {err:.2f})"
+        found.append(f)
+    assert len(set(np.round(found, 3))) > 1  # a random factor per sample
+
+
+def hue_rotation(degrees: float) -> np.ndarray:
+    """Rotation of RGB about the grey axis (right-handed), written out independently of the package."""
+    t = math.radians(degrees)
+    c, s = math.cos(t), math.sin(t)
+    a, b = (1 - c) / 3, s / math.sqrt(3)
+    return np.array([[c + a, a - b, a + b], [a + b, c + a, a - b], [a - b, a + b, c + a]])
+
+
+def test_hue_is_a_grey_axis_rotation_within_the_range_that_moves_towards_torchvision(images):
+    view1, _ = run_views([images["texture_png"]] * 8, data_config(only(jitter_p=1.0, brightness=0.0, contrast=0.0,
+                                                                       saturation=0.0, hue=0.1)), 8, seed=2)
+    x = images["texture"].astype(np.float64)
+    angles = list(np.linspace(-36, 36, 721))
+    img = chw(images["texture"]).float() / 255.0
+    checked = 0
+    for out in denormalise(view1):
+        deg, err = fitted(out, angles, lambda d: np.clip(x @ hue_rotation(d).T, 0, 255))
+        assert err <= 1.0 + 1e-3, f"no rotation within +-36 degrees reproduces the output (error {err:.2f})"
+        if abs(deg) >= 10:  # torchvision's HSV shift is not linear: the rotation only approximates it
+            tv = hwc(TF.adjust_hue(img, deg / 360.0)) * 255.0
+            assert np.abs(out - tv).mean() < 0.8 * np.abs(x - tv).mean()  # closer than no shift at all
+            checked += 1
+    assert checked >= 2
+
+
+def test_colour_matrices_compose_the_ops_in_the_drawn_order_like_torchvision():
+    """A x + D mu against torchvision's functional ops applied one after another (no hue: see above)."""
+    view = ViewConfig(jitter_p=0.8, hue=0.0, grayscale_p=0.2)
+    rng = np.random.default_rng(0)
+    u = rng.random((64, pretrain.NUM_UNIFORMS))
+    a, d = pretrain.colour_matrices(u, view)
+    img = torch.from_numpy(rng.uniform(0.4, 0.6, (3, 8, 8))).float()  # mid-grey: no op clamps
+    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
+    for k in range(len(u)):
+        expected = img
+        if u[k, pretrain.JITTER_FIRE] < view.jitter_p:
+            factors = [0.6 + 0.8 * u[k, pretrain.BRIGHTNESS], 0.6 + 0.8 * u[k, pretrain.CONTRAST],
+                       0.8 + 0.4 * u[k, pretrain.SATURATION]]
+            for op in np.argsort(u[k, pretrain.ORDER]):
+                if op < 3:
+                    expected = ops[op](expected, float(factors[op]))
+        if u[k, pretrain.GRAY_FIRE] < view.grayscale_p:
+            expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
+        x = img.permute(1, 2, 0).double().numpy()
+        mu = x.reshape(-1, 3).mean(0)
+        got = x @ a[k, :, :3].T + d[k, :, :3] @ mu
+        # float32 torchvision, whose tensor grayscale weighs red 0.2989 (PIL and the package: 0.299)
+        np.testing.assert_allclose(got, hwc(expected).astype(np.float64), atol=3e-4)
+
+
+# ---------------------------------------------------------------------------- linear evaluation
+
+
+def test_linear_eval_val_covers_every_file_once_and_every_rank_runs_the_same_steps(images):
+    files, labels = images["greys"][:5], list(range(5))
+    data = data_config()
+    seen, steps = [], set()
+    for rank in range(2):
+        loader = DaliLinearLoader(files, labels, False, data, 2, "cpu", rank, 2, 0, 0, torch.device("cpu"))
+        steps.add(len(loader))
+        for epoch in range(2):  # the same shard again in the next epoch
+            batches = list(loader)
+            assert len(batches) == loader.steps_per_epoch
+            got = [int(v) for _, ys in batches for v in ys]
+            assert len(got) == shard_size(5, rank, 2)
+            for x, y in batches:
+                assert x.shape[1:] == (3, S, S) and y.dtype == torch.int64
+                assert file_ids(x.permute(0, 2, 3, 1).numpy()) == y.tolist()  # image and label agree
+        seen += got
+    assert steps == {2} and sorted(seen) == labels  # ranks: 2 + 3 files; rank 0's last batch is empty
+
+
+def test_linear_eval_train_yields_full_normalised_batches(images):
+    loader = DaliLinearLoader(images["jpegs"], list(range(16)), True, data_config(), 4, "cpu", 0, 1, 0, 0,
+                              torch.device("cpu"))
+    batches = list(loader)
+    assert len(batches) == 4
+    labels = sorted(int(y) for _, ys in batches for y in ys)
+    assert labels == list(range(16))
+    for x, _ in batches:
+        assert x.shape == (4, 3, S, S) and x.is_contiguous(memory_format=torch.channels_last)
+        assert x.min() < -1 and x.max() > 1  # normalised, not raw [0, 255]

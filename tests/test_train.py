@@ -1,0 +1,84 @@
+"""End to end on CPU: a tiny network pretrains a few steps, checkpoints, and resumes at the next step."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from byol_fast import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model.backbone=resnet18", "--model.projector_hidden=32", "--model.projector_out=16",
+        "--model.predictor_hidden=32", "--data.image_size=32", "--data.num_threads=1",
+        "--data.view1.blur_kernel=3", "--data.view2.blur_kernel=3", "--log_every=1", "--epochs=4"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """16 small JPEGs in two class folders."""
+    root = tmp_path_factory.mktemp("imgs")
+    g = torch.Generator().manual_seed(0)
+    for i in range(16):
+        folder = root / f"c{i % 2}"
+        folder.mkdir(exist_ok=True)
+        pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+def run(args):
+    return train.main(args)
+
+
+def test_pretrain_checkpoint_and_resume(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + [f"--data.path={images}", f"--out_dir={out}", "--optim.batch_size=8"]
+    assert run(args + ["--max_steps=3"]) == 0
+    state = torch.load(out / "last.pt", weights_only=False)
+    assert state["step"] == 3
+    assert (out / "config.yaml").is_file()
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    printed = capsys.readouterr().out
+    assert "resolved config" in printed and "img/s" in printed and "tau" in printed
+
+    assert run(args + ["--max_steps=5"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "at step 3" in printed
+    assert "step 4/" in printed and "step 3/" not in printed.split("resumed from")[1]
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 5
+
+
+def test_errors_are_one_line_and_name_the_problem(images, tmp_path, capsys):
+    assert run(TINY + [f"--data.path={images}", "--optim.batch_size=7", "--optim.accumulate=2",
+                       f"--out_dir={tmp_path}"]) == 2
+    assert "optim.batch_size" in capsys.readouterr().err
+    assert run(TINY + ["--data.path=/no/such/folder", f"--out_dir={tmp_path}"]) == 2
+    assert "/no/such/folder" in capsys.readouterr().err
+    assert run(["--optim.lrr=3"]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+
+
+def test_checkpoint_from_other_architecture_is_refused(images, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = [f"--data.path={images}", f"--out_dir={out}", "--optim.batch_size=8", "--max_steps=1"]
+    assert run(TINY + args) == 0
+    capsys.readouterr()
+    assert run(TINY + args + ["--model.projector_out=8"]) == 2
+    assert "different model" in capsys.readouterr().err
+
+
+def test_two_process_gloo_run(images, tmp_path):
+    """torchrun with 2 CPU processes: both take the same steps and rank 0 saves."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "byol_fast.train", *TINY, f"--data.path={images}", f"--out_dir={out}",
+           "--optim.batch_size=8", "--max_steps=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 process(es)" in res.stdout
+    assert "4/process x 2" in res.stdout
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
