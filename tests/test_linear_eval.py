@@ -1,0 +1,155 @@
+"""Linear evaluation end to end on CPU: tiny images, a small checkpoint, results, resume, strict loading."""
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from byol_fast import linear_eval
+from byol_fast.config import Config, ModelConfig, load_config, to_dict
+from byol_fast.features import load_feature_extractor
+from byol_fast.model import BYOL
+from byol_fast.schedules import scaled_lr
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ModelConfig(backbone="resnet18", projector_hidden=32, projector_out=16, predictor_hidden=32)
+FAST = ["--data.image_size=32", "--data.resize=36", "--data.num_threads=0", "--data.loader=torchvision",
+        "--batch_size=8", "--log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """train/ (12 per class) and val/ (6 per class): dark noisy images vs bright noisy images."""
+    root = tmp_path_factory.mktemp("lin")
+    g = torch.Generator().manual_seed(0)
+    for split, n in (("train", 12), ("val", 6)):
+        for label, base in ((0, 40), (1, 200)):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (base + 30 * torch.randn(40, 48, 3, generator=g)).clamp(0, 255).to(torch.uint8)
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pretrain_ckpt(tmp_path_factory):
+    """A training checkpoint in train.py's layout, with online running statistics set by a few forwards."""
+    torch.manual_seed(123)  # not linear_eval's seed: its random-init baseline must differ from this encoder
+    model = BYOL(SMALL)
+    model.online.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model.online(torch.randn(8, 3, 32, 32))
+    path = tmp_path_factory.mktemp("run") / "last.pt"
+    torch.save({"online": model.online.state_dict(), "target": model.target.state_dict(),
+                "predictor": model.predictor.state_dict(), "config": to_dict(Config(model=SMALL)), "step": 3}, path)
+    return path
+
+
+def run(*args):
+    return linear_eval.main(list(map(str, args)))
+
+
+def test_recipes_mirror_the_paper():
+    cfg = load_config(ROOT / "config/linear_r50_in1k.yaml", cls=linear_eval.LinearConfig)
+    assert (cfg.batch_size, cfg.momentum, cfg.weight_decay, cfg.epochs) == (1024, 0.9, 0.0, 90)
+    assert scaled_lr(cfg.lr, cfg.batch_size) == pytest.approx(0.8)  # DeepMind: 0.2 x batch / 256
+    assert (cfg.data.image_size, cfg.data.resize, cfg.data.crop_area) == (224, 256, (0.08, 1.0))
+    assert cfg.features == "images" and not cfg.head_bn and cfg.init == "checkpoint"
+    demo = load_config(ROOT / "config/linear_demo.yaml", cls=linear_eval.LinearConfig)
+    assert demo.data.path == "data/demo"
+
+
+def test_config_errors_name_the_key(tmp_path, capsys):
+    assert run("--data", tmp_path, "--checkpoint", tmp_path / "x.pt", "--lrr=1") == 2
+    assert "lrr" in capsys.readouterr().err
+    assert run("--data", tmp_path, "--features=fancy", "--checkpoint", "x.pt") == 2
+    assert "features" in capsys.readouterr().err
+    assert run("--data", tmp_path) == 2
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+def test_cached_run_results_resume_and_frozen_encoder(data_root, pretrain_ckpt, tmp_path, capsys):
+    out = tmp_path / "lin"
+    args = ["--checkpoint", pretrain_ckpt, "--data", data_root, "--features=cached", f"--out_dir={out}", *FAST]
+    assert run(*args, "--epochs=4", "--head_bn=true") == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["epoch"] for r in doc["epochs"]] == [1, 2, 3, 4]
+    assert all(r["val_images"] == 12 and 0 <= r["top1"] <= r["top5"] <= 100 for r in doc["epochs"])
+    assert doc["final"]["top1"] == 100.0  # dark vs bright: linearly separable
+    # Cosine without warm-up, per step: after epoch e of 4, lr = peak * (1 + cos(pi e / 4)) / 2.
+    peak = 0.2 * 8 / 256
+    for r in doc["epochs"]:
+        assert r["lr"] == pytest.approx(peak * 0.5 * (1 + math.cos(math.pi * r["epoch"] / 4)), abs=1e-9)
+    assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
+    capsys.readouterr()
+
+    # The frozen encoder in the linear checkpoint is the pretraining online encoder, bit for bit
+    # (eval mode: not even the batch-norm running statistics moved).
+    online = torch.load(pretrain_ckpt)["online"]
+    saved = torch.load(out / "last.pt", weights_only=False)
+    assert all(torch.equal(saved["encoder"][k], online["encoder." + k]) for k in saved["encoder"])
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(load_feature_extractor(out / "last.pt")(images), load_feature_extractor(pretrain_ckpt)(images))
+
+    assert run(*args, "--epochs=5", "--head_bn=true") == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "after epoch 4" in printed and "epoch 4/5" not in printed
+    assert len(json.loads((out / "results.json").read_text())["epochs"]) == 5
+
+    # Another source into the same folder is refused rather than mixed.
+    assert run(*args, "--epochs=5", "--head_bn=true", "--init=random") == 2
+    assert "another evaluation" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_images_mode(data_root, pretrain_ckpt, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    out = tmp_path / loader
+    assert run("--checkpoint", pretrain_ckpt, "--data", data_root, f"--out_dir={out}", *FAST, "--epochs=1",
+               f"--data.loader={loader}", "--device=cpu") == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["final"]["val_images"] == 12 and doc["train_images"] == 24
+
+
+def test_random_init_baseline_goes_beside_the_checkpoint(data_root, pretrain_ckpt, capsys):
+    assert run("--checkpoint", pretrain_ckpt, "--data", data_root, "--init", "random", "--features=cached",
+               *FAST, "--epochs=1") == 0
+    out = pretrain_ckpt.parent / "linear_random"
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["source"]["init"] == "random" and doc["source"]["backbone"] == "resnet18"
+    online = torch.load(pretrain_ckpt)["online"]
+    saved = torch.load(out / "last.pt", weights_only=False)["encoder"]
+    assert not torch.equal(saved["conv1.weight"], online["encoder.conv1.weight"])
+
+
+@pytest.mark.parametrize("prefix", ["module.", "backbone."])
+def test_prefixed_state_dict_is_refused(data_root, pretrain_ckpt, tmp_path, capsys, prefix):
+    online = torch.load(pretrain_ckpt)["online"]
+    bad = {prefix + k[len("encoder."):]: v for k, v in online.items() if k.startswith("encoder.")}
+    torch.save(bad, tmp_path / "bad.pt")
+    assert run("--checkpoint", tmp_path / "bad.pt", "--data", data_root, f"--out_dir={tmp_path / 'o'}", *FAST) == 2
+    assert f"'{prefix}'" in capsys.readouterr().err
+
+
+def test_two_processes_count_every_val_image_once(data_root, pretrain_ckpt, tmp_path):
+    """torchrun-style environment, gloo on CPU: DDP classifier, sharded loaders, summed counts."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp"
+    mp.spawn(_ddp_worker, args=(str(pretrain_ckpt), str(data_root), str(out)), nprocs=2)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["final"]["val_images"] == 12 and len(doc["epochs"]) == 1
+
+
+def _ddp_worker(rank, ckpt, data, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(29400 + os.getppid() % 500))
+    code = linear_eval.main(["--checkpoint", ckpt, "--data", data, f"--out_dir={out}", *FAST, "--epochs=1",
+                             "--device=cpu", "--features=cached"])
+    assert code == 0
