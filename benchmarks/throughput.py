@@ -294,23 +294,29 @@ def summary(rates: list[float]) -> dict:
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "windows": rates}
 
 
-def measure(step, images_per_step: int, sync, s: dict, label: str, on_window=None) -> dict:
+def measure(step, images_per_step: int, sync, s: dict, label: str, on_window=None, rounds: int = 1) -> dict:
     """Warm up, calibrate a window's step count, then time ``s['windows']`` windows of ``step()``.
 
     ``on_window(seconds)`` (optional) is called after each window's sync and returns extra
     per-window figures (the data wait); they come back as lists under their own keys.
+
+    ``rounds``: a DataLoader with N workers delivers batches in bursts of N (each worker builds
+    a whole batch), so warm-up and calibration take a whole round of N steps and every window
+    a whole number of rounds; otherwise a window would time batches prefetched before it began.
     """
-    log(f"  warm-up: {s['warmup']} steps")
-    for _ in range(s["warmup"]):
+    warmup = s["warmup"] + (rounds if rounds > 1 else 0)
+    log(f"  warm-up: {warmup} steps")
+    for _ in range(warmup):
         step()
     sync()
     t = time.perf_counter()
-    calib = 2
+    calib = max(2, rounds)
     for _ in range(calib):
         step()
     sync()
     per_step = (time.perf_counter() - t) / calib
     steps = max(3, math.ceil(s["window_seconds"] / max(per_step, 1e-6)))
+    steps = rounds * math.ceil(steps / rounds)
     log(f"  {per_step * 1e3:.1f} ms/step after warm-up: {s['windows']} windows of {steps} steps")
     rates, extras = [], {}
     if on_window:
@@ -393,6 +399,11 @@ def open_loader(kind: str, files: list[str], cfg, device: torch.device):
     return DaliTwoViewLoader(files, cfg.data, cfg.optim.batch_size, cfg.data.decode, 0, 1, 0, cfg.seed, device)
 
 
+def worker_rounds(kind: str, cfg) -> int:
+    """Steps in one round of the torchvision DataLoader's workers (1 for DALI, which streams)."""
+    return max(1, cfg.data.num_threads) if kind == "torchvision" else 1
+
+
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     """As byol_fast.train moves a batch (a no-op for DALI's GPU output, already channels_last)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -403,7 +414,8 @@ def stage_loader(kind: str, data, cfg, device, s) -> dict:
     loader = open_loader(kind, data["index"].files, cfg, device)
     stream = endless(loader)
     try:
-        out = measure(lambda: next(stream), cfg.optim.batch_size, device_sync(device), s, kind)
+        out = measure(lambda: next(stream), cfg.optim.batch_size, device_sync(device), s, kind,
+                      rounds=worker_rounds(kind, cfg))
     finally:
         stream.close()
     where = f"DALI on {cfg.data.decode}" if kind == "dali" else f"{cfg.data.num_threads} DataLoader workers"
@@ -453,7 +465,8 @@ def stage_e2e(kind: str, data, cfg, device, s) -> dict:
             events[1].record()
 
     try:
-        return measure(step, cfg.optim.batch_size, device_sync(device), s, f"e2e-{kind}", on_window=wait.window)
+        return measure(step, cfg.optim.batch_size, device_sync(device), s, f"e2e-{kind}", on_window=wait.window,
+                       rounds=worker_rounds(kind, cfg))
     finally:
         stream.close()
 

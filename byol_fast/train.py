@@ -254,8 +254,12 @@ class Run:
         lr = self.learner.optimizer.param_groups[0]["lr"]
         tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
         stats = {k: v.item() for k, v in collapse_stats(self.learner.last_projection).items()}
+        mem = ""
+        if self.device.type == "cuda":  # reads a counter, no device sync
+            stats["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            mem = f" peak_mem {stats['train/peak_mem_gib']:.1f}GiB"
         self.log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} tau {tau:.5f} "
-                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f}")
+                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f}{mem}")
         self.writer.scalars({"train/loss": loss, "train/lr": lr, "train/tau": tau,
                              "train/img_per_s": images_per_s, **stats}, self.step)
 
