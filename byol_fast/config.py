@@ -93,11 +93,23 @@ class EmaConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Representation monitors during pretraining (collapse statistics are always logged)."""
+
+    knn_every: int = 0  # epochs between kNN evaluations (0: off); needs a labelled validation split
+    knn_k: int = 20
+    knn_temperature: float = 0.07  # votes weigh exp(sim / T); <= 0: plain majority
+    knn_bank_limit: int = 0  # images of the training split per process in the bank (0: all)
+    val_path: str = ""  # labelled validation split; empty: the val/ folder beside data.path
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     epochs: int = 1000
     max_steps: int = 0  # stop after this many optimizer steps (0: run all epochs); schedules still span all epochs
     out_dir: str = "runs/byol"

@@ -9,6 +9,7 @@ scheduler can requeue the job.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -59,16 +60,45 @@ def decode_device(cfg: Config, device: torch.device) -> str:
 # ---------------------------------------------------------------------------- data
 
 
-def dataset_files(cfg: Config, info: dist.DistInfo) -> list[str]:
-    """The indexed (checked) image files: rank 0 scans or refreshes the index, the others then reuse it."""
+def checked_index(path: str | Path, cfg: Config, info: dist.DistInfo):
+    """The index of checked images under ``path``: rank 0 scans or refreshes it, the others then reuse it."""
     if info.is_main:
-        index = load_index(cfg.data.path, workers=cfg.data.workers, progress=True)
+        index = load_index(path, workers=cfg.data.workers, progress=True)
     dist.barrier()
     if not info.is_main:
-        index = load_index(cfg.data.path, progress=False)
+        index = load_index(path, progress=False)
     if index.skipped and info.is_main:
         print(f"index: {len(index.files)} images, {len(index.skipped)} left out (see {index.report_path})", flush=True)
-    return index.files
+    return index
+
+
+def dataset_files(cfg: Config, info: dist.DistInfo) -> list[str]:
+    return checked_index(cfg.data.path, cfg, info).files
+
+
+def build_knn_monitor(cfg: Config, info: dist.DistInfo, device: torch.device):
+    """The kNN monitor (monitor.knn_every > 0): bank = center crops of the training split, queries =
+    the validation split, read by linear evaluation's loaders at the pretraining resolution."""
+    if cfg.monitor.knn_every <= 0:
+        return None
+    from .linear_eval import LinearDataConfig, eval_loader
+    from .monitors import KnnMonitor
+
+    val_path = Path(cfg.monitor.val_path or Path(cfg.data.path).parent / "val")
+    if not val_path.is_dir():
+        raise ConfigError(f"monitor.val_path: {val_path} is not a folder; the kNN monitor needs a labelled "
+                          "validation split (or --monitor.knn_every=0 to turn it off)")
+    bank, query = checked_index(cfg.data.path, cfg, info), checked_index(val_path, cfg, info)
+    if not (bank.labelled and query.labelled) or bank.classes != query.classes:
+        raise ConfigError(f"monitor.knn_every: the kNN monitor needs class folders, the same in {cfg.data.path} "
+                          f"and {val_path} (or --monitor.knn_every=0)")
+    size = cfg.data.image_size
+    data = LinearDataConfig(image_size=size, resize=round(size * 256 / 224), mean=cfg.data.mean, std=cfg.data.std,
+                            loader=cfg.data.loader, decode=cfg.data.decode, num_threads=cfg.data.num_threads)
+    batch = micro_batch_size(cfg, info.world_size)
+    return KnnMonitor(eval_loader(bank, False, data, batch, info, device, cfg.seed),
+                      eval_loader(query, False, data, batch, info, device, cfg.seed),
+                      bank.num_classes, cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.monitor.knn_bank_limit)
 
 
 def build_loader(cfg: Config, info: dist.DistInfo, device: torch.device, batch: int):
@@ -105,7 +135,8 @@ class Run:
         self.device = dist.local_device(resolve_device(cfg), self.info)
         self.out = Path(cfg.out_dir)
         torch.manual_seed(cfg.seed + self.info.rank)
-        self.log(f"byol_fast {ckpt.git_revision()} | {self.info.world_size} process(es) on {self.device}")
+        self.log(f"byol_fast {ckpt.git_revision()} | {self.info.world_size} process(es) on {self.device} "
+                 f"| rank 0 pid {os.getpid()}")
         self.log("resolved config:\n" + to_yaml(cfg))
         if self.info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -122,6 +153,7 @@ class Run:
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.batch_size)
 
         self.learner = Learner(cfg, self.device, self.info)
+        self.knn = build_knn_monitor(cfg, self.info, self.device)
         self.step = 0
         self.writer = Writer(str(self.out), self.info.is_main)
         self.stop_requested = False
@@ -156,6 +188,10 @@ class Run:
     def resume(self) -> None:
         self.last_save = time.monotonic()
         path = self.out / ckpt.LAST
+        if self.info.is_main:  # half-written checkpoints of a process killed mid-save: never read, so drop them
+            for torn in self.out.glob(f".{ckpt.LAST}.*.tmp"):
+                self.log(f"removing {torn}, an unfinished checkpoint write")
+                torn.unlink(missing_ok=True)
         if not path.exists():
             return
         state = ckpt.load(path)
@@ -214,6 +250,9 @@ class Run:
             since_log += 1
             meter.add(images_per_step)
             epoch_end = self.step % self.steps_per_epoch == 0
+            if self.knn and ((epoch_end and (self.step // self.steps_per_epoch) % cfg.monitor.knn_every == 0)
+                             or self.step == last_step):
+                self._knn()
             if since_log == cfg.log_every or epoch_end or self.step == last_step:
                 self._report(loss_sum / max(counted, 1), meter.read())  # host sync: reads the loss
                 loss_sum.zero_()
@@ -228,6 +267,15 @@ class Run:
         self.writer.close()
         self.log(f"done: {self.step} steps")
         return 0
+
+    def _knn(self) -> None:
+        """kNN accuracy of the target encoder (the paper's evaluated network is the online one; the
+        target is its slow average and what the monitor of DeepMind's reference reads). All ranks."""
+        start = time.perf_counter()
+        acc = self.knn.run(self.learner.byol.target.encoder, self.device, self.learner.amp_dtype)
+        self.log(f"knn (k={self.cfg.monitor.knn_k}) at step {self.step}: top1 {acc['knn/top1']:.2f} "
+                 f"top5 {acc['knn/top5']:.2f} ({time.perf_counter() - start:.1f} s)")
+        self.writer.scalars(acc, self.step)
 
     def _on_nonfinite(self) -> None:
         """A skipped step still counts (schedules stay on time); too many in a row end the run."""

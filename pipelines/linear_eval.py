@@ -16,7 +16,7 @@ import math
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.loader import DEVICES, steps_per_epoch, to_torch
+from pipelines.loader import DEVICES, epoch_files, steps_per_epoch, to_torch
 from pipelines.pretrain import INTERP, decode
 
 ASPECT = (3 / 4, 4 / 3)
@@ -71,7 +71,7 @@ def _linear_pipeline(files, labels, data, train: bool, device: str, shard_id: in
         labels=list(labels),
         shard_id=shard_id,
         num_shards=num_shards,
-        random_shuffle=train,
+        shuffle_after_epoch=train,  # train: files from loader.epoch_files, a partition every epoch
         seed=reader_seed,
         # val: a fixed shard per rank, padded by repeating its last file to a whole number of batches,
         # the same number on every rank (the loader drops the padding).
@@ -116,12 +116,14 @@ class DaliLinearLoader:
         self.torch_device = torch.device(torch_device)
         if train:
             self.steps_per_epoch = steps_per_epoch(len(files), batch_size, world_size)
+            pairs = epoch_files(list(zip(files, labels)), batch_size, world_size, seed)
+            files, labels = [f for f, _ in pairs], [y for _, y in pairs]
         else:
             self.num_samples = shard_size(len(files), rank, world_size)  # real files of this rank
             self.steps_per_epoch = math.ceil(math.ceil(len(files) / world_size) / batch_size)
         self._pipe = _linear_pipeline(
             files=files, labels=labels, data=data, train=train, device=device, shard_id=rank,
-            num_shards=world_size, reader_seed=seed + rank, batch_size=batch_size,
+            num_shards=world_size, reader_seed=seed, batch_size=batch_size,
             num_threads=max(1, data.num_threads), device_id=local_rank if device == "gpu" else None,
             seed=seed + rank, prefetch_queue_depth=_opt(data, "prefetch", 2),
         )

@@ -11,6 +11,7 @@ channels_last format.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from byol_fast.config import DataConfig
@@ -27,6 +28,20 @@ def steps_per_epoch(num_files: int, batch_size: int, world_size: int) -> int:
             f"(= {batch_size * world_size} images): add files or lower the batch size"
         )
     return steps
+
+
+def epoch_files(files: list[str], batch_size: int, world_size: int, seed: int) -> list[str]:
+    """The files the reader walks: ``files`` in a seeded random order (the same on every rank), cut to
+    ``steps_per_epoch x batch_size x world_size`` so every shard holds exactly one epoch of batches.
+
+    With this list and ``shuffle_after_epoch`` DALI's reader epoch is the training epoch: each epoch
+    the ranks' shards partition the kept files (no file twice, none missed), and the list is
+    reshuffled (the same way on every rank) between epochs. The files cut (fewer than one global
+    batch, e.g. at most 4,095 of ImageNet's 1.28M at batch 4096) are the same in every epoch.
+    """
+    keep = steps_per_epoch(len(files), batch_size, world_size) * batch_size * world_size
+    order = np.random.default_rng(seed).permutation(len(files))[:keep]
+    return [files[i] for i in order]
 
 
 def to_torch(batch) -> torch.Tensor:
@@ -47,7 +62,8 @@ class DaliTwoViewLoader:
     """Yields ``steps_per_epoch`` pairs (view1, view2) per iteration, each float32 (N, 3, H, W).
 
     batch_size is per rank. device: "cpu" (DALI on the CPU, no GPU needed) or "gpu" (nvJPEG + GPU ops
-    on cuda:local_rank). The reader is sharded by global rank; the augmentation seed is seed + rank.
+    on cuda:local_rank). The reader is sharded by global rank over :func:`epoch_files` (each epoch a
+partition of the files over the ranks, reshuffled between epochs); the augmentation seed is seed + rank.
     Tensors land on ``torch_device`` (moved there only when DALI produced them elsewhere).
 
     ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly: the DALI checkpoint holds the
@@ -69,7 +85,8 @@ class DaliTwoViewLoader:
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        self.files = list(files)
+        self.files = epoch_files(list(files), batch_size, world_size, seed)  # same list on every rank
+        self.reader_seed = seed
         self.data = data
         self.batch_size = batch_size
         self.device = device
@@ -97,6 +114,7 @@ class DaliTwoViewLoader:
                 num_shards=self.world_size,
                 device_id=self.local_rank if self.device == "gpu" else None,
                 seed=self.seed,
+                reader_seed=self.reader_seed,
                 checkpoint=self._checkpoint,
             )
         return self._pipe

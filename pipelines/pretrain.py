@@ -219,13 +219,15 @@ def two_view_graph(jpegs, data: DataConfig, device: str):
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def _pretrain_pipeline(files, data: DataConfig, device: str, shard_id: int, num_shards: int, reader_seed: int):
-    # random_shuffle: DALI first shuffles the whole list with a fixed seed (the same on every shard, so
-    # shards stay disjoint), then each reader draws from a buffer of initial_fill samples of its shard.
+    # ``files`` come from pipelines.loader.epoch_files: shuffled and cut to whole batches on every
+    # shard. shuffle_after_epoch reshuffles the whole list between epochs, identically on every
+    # shard, so each epoch the shards partition it (random_shuffle would only mix a buffer of
+    # initial_fill samples inside a shard, and shard edges drift across epochs).
     jpegs, _ = fn.readers.file(
         files=list(files),
         shard_id=shard_id,
         num_shards=num_shards,
-        random_shuffle=True,
+        shuffle_after_epoch=True,
         seed=reader_seed,
         name="Reader",
     )
@@ -242,6 +244,7 @@ def build_pretrain_pipeline(
     device_id: int | None,
     seed: int,
     checkpoint: bytes | str | None = None,
+    reader_seed: int | None = None,
 ) -> Pipeline:
     """The two-view pipeline of one rank, built.
 
@@ -259,7 +262,7 @@ def build_pretrain_pipeline(
         device=device,
         shard_id=shard_id,
         num_shards=num_shards,
-        reader_seed=seed,
+        reader_seed=seed if reader_seed is None else reader_seed,
         batch_size=batch_size,
         num_threads=max(1, data.num_threads),
         device_id=device_id,

@@ -128,15 +128,27 @@ def file_ids(batch: np.ndarray) -> list[int]:
     return [int(round((g - 8) / 15)) for g in grey]
 
 
-def test_two_shards_read_disjoint_files_covering_all(images):
-    data = data_config()
-    shards = []
-    for rank in range(2):
-        loader = DaliTwoViewLoader(images["greys"], data, 4, "cpu", rank, 2, 0, 0, torch.device("cpu"))
-        ids = [i for view1, _ in loader for i in file_ids(view1.permute(0, 2, 3, 1).numpy())]
-        assert len(ids) == 8 and len(set(ids)) == 8  # 16 files // (4 x 2 ranks) = 2 steps of 4
-        shards.append(set(ids))
-    assert shards[0].isdisjoint(shards[1]) and shards[0] | shards[1] == set(range(16))
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_every_epoch_partitions_the_files_over_the_ranks(images, world):
+    """16 files, batch 2 per rank: each epoch the ranks read disjoint files, together every kept file
+    once (all but fewer than one global batch), in the same number of steps; reshuffled between epochs."""
+    batch, steps = 2, 16 // (2 * world)
+    loaders = [DaliTwoViewLoader(images["greys"], data_config(), batch, "cpu", r, world, 0, 5, torch.device("cpu"))
+               for r in range(world)]
+    assert all(loader.steps_per_epoch == steps for loader in loaders)
+    epochs = []
+    for _ in range(3):
+        per_rank = [[i for view1, _ in loader for i in file_ids(view1.permute(0, 2, 3, 1).numpy())]
+                    for loader in loaders]
+        assert all(len(ids) == steps * batch for ids in per_rank)
+        everything = [i for ids in per_rank for i in ids]
+        assert len(set(everything)) == len(everything) == steps * batch * world  # no file twice
+        epochs.append(per_rank)
+    kept = [sorted(i for ids in e for i in ids) for e in epochs]
+    assert kept[0] == kept[1] == kept[2]  # the same files every epoch: nothing missed for good but the cut
+    assert 16 - len(kept[0]) < batch * world
+    if world > 1:
+        assert epochs[0] != epochs[1] or epochs[1] != epochs[2]  # shards are reshuffled between epochs
 
 
 def test_state_dict_resumes_mid_epoch_exactly(images):

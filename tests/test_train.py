@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import write_noise_jpegs
 from PIL import Image
 
 from byol_fast import train
@@ -19,14 +20,7 @@ TINY = ["--model.backbone=resnet18", "--model.projector_hidden=32", "--model.pro
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     """16 small JPEGs in two class folders."""
-    root = tmp_path_factory.mktemp("imgs")
-    g = torch.Generator().manual_seed(0)
-    for i in range(16):
-        folder = root / f"c{i % 2}"
-        folder.mkdir(exist_ok=True)
-        pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
-    return root
+    return write_noise_jpegs(tmp_path_factory.mktemp("imgs"), 16, seed=0)
 
 
 def run(args):
@@ -82,3 +76,23 @@ def test_two_process_gloo_run(images, tmp_path):
     assert "2 process(es)" in res.stdout
     assert "4/process x 2" in res.stdout
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+
+
+def test_knn_monitor_runs_at_epoch_ends_and_needs_a_val_split(tmp_path, capsys):
+    g = torch.Generator().manual_seed(2)
+    for split, n in (("train", 8), ("val", 4)):
+        for label in range(2):
+            folder = tmp_path / "data" / split / f"c{label}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = (80 + 120 * label + 30 * torch.randn(40, 48, 3, generator=g)).clamp(0, 255)
+                Image.fromarray(pixels.to(torch.uint8).numpy()).save(folder / f"{i}.jpg", quality=90)
+    args = TINY + [f"--data.path={tmp_path / 'data' / 'train'}", f"--out_dir={tmp_path / 'run'}",
+                   "--optim.batch_size=8", "--max_steps=4", "--monitor.knn_every=1", "--monitor.knn_k=3"]
+    assert run(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("knn")]
+    assert len(lines) == 2, lines  # steps/epoch = 2: after epochs 1 and 2
+    top1 = float(lines[-1].split("top1 ")[1].split()[0])
+    assert 0.0 <= top1 <= 100.0
+    assert run(args + [f"--monitor.val_path={tmp_path / 'nowhere'}"]) == 2
+    assert "monitor.val_path" in capsys.readouterr().err

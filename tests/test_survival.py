@@ -1,0 +1,192 @@
+"""Survival on CPU (issue 6): kill -9 and resume ends bit for bit where an uninterrupted run ends,
+torchrun's elastic restart resumes by itself, N processes compute what one process with N
+accumulation steps computes, and each user mistake stops with one line naming it."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_noise_jpegs
+
+from byol_fast import train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model.backbone=resnet18", "--model.projector_hidden=32", "--model.projector_out=16",
+        "--model.predictor_hidden=32", "--data.image_size=32", "--data.num_threads=1",
+        "--data.view1.blur_kernel=3", "--data.view2.blur_kernel=3", "--log_every=1"]
+# 16 images, global batch 8: 2 steps per epoch, 4 epochs = 8 steps, a checkpoint at every epoch end.
+RUN = TINY + ["--optim.batch_size=8", "--epochs=4", "--optim.warmup_epochs=1"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """16 small JPEGs in two class folders."""
+    return write_noise_jpegs(tmp_path_factory.mktemp("imgs"), 16, seed=1)
+
+
+def train_cmd(images, out, launcher=()):
+    return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, f"--data.path={images}", f"--out_dir={out}"]
+
+
+def kill_when(proc: subprocess.Popen, marker: str, pid_of=lambda line: None) -> str:
+    """Read the run's output until ``marker`` appears, then kill -9 the training process."""
+    seen, pid = [], proc.pid
+    for line in proc.stdout:
+        seen.append(line)
+        pid = pid_of(line) or pid
+        if marker in line:
+            os.kill(pid, signal.SIGKILL)
+            break
+    else:
+        raise AssertionError(f"{marker!r} never appeared:\n{''.join(seen)[-3000:]}")
+    return "".join(seen)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(path, weights_only=False)
+    out = {f"{part}.{k}": v for part in ("online", "target", "predictor") for k, v in state[part].items()}
+    for i, s in state["optimizer"]["state"].items():
+        out.update({f"optimizer.{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
+    return out
+
+
+def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, tmp_path):
+    straight = tmp_path / "straight"
+    res = subprocess.run(train_cmd(images, straight), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(images, killed), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    printed = kill_when(proc, "step 5/8")  # mid-epoch 3: the checkpoint of step 4 is the last complete one
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    assert torch.load(killed / "last.pt", weights_only=False)["step"] == 4, printed[-2000:]
+    # A write cut short by the kill leaves only a temporary file, which resume ignores and removes.
+    torn = killed / ".last.pt.99999.tmp"
+    torn.write_bytes(b"PK\x03\x04 half a checkpoint")
+
+    res = subprocess.run(train_cmd(images, killed), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "at step 4" in res.stdout and not torn.exists()
+    a, b = weights(straight / "last.pt"), weights(killed / "last.pt")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):
+    out = tmp_path / "elastic"
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1"]
+    proc = subprocess.Popen(train_cmd(images, out, launcher), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def pid_of(line):
+        return int(line.split("pid ")[1].split()[0]) if "rank 0 pid" in line else None
+
+    printed = kill_when(proc, "step 3/8", pid_of)  # the worker dies; torchrun starts it again
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0, (printed + rest)[-3000:]
+    assert "resumed from" in rest and "at step 2" in rest, rest[-3000:]
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
+
+
+# ---------------------------------------------------------------------------- N processes = accumulation
+
+
+def _config(accumulate: int):
+    from byol_fast.config import load_config
+
+    return load_config(None, TINY + [f"--optim.batch_size={GLOBAL}", f"--optim.accumulate={accumulate}",
+                                     "--device=cpu"])
+
+
+GLOBAL = 16  # images per step; 4 or more per micro-batch (batch norm over 2 values is ill-conditioned)
+
+
+def _batches(steps: int = 1):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(GLOBAL, 3, 32, 32, generator=g), torch.randn(GLOBAL, 3, 32, 32, generator=g))
+            for _ in range(steps)]
+
+
+def _learner_state(learner) -> dict[str, torch.Tensor]:
+    state = learner.state_dict()
+    return {f"{part}.{k}": v.clone() for part in ("online", "target", "predictor") for k, v in state[part].items()
+            if v.is_floating_point() and "running_" not in k}  # batch-norm statistics: per process
+
+
+def _worker(rank: int, world: int, port: int, out: str):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from byol_fast import dist
+    from byol_fast.learner import Learner
+
+    info = dist.setup(torch.device("cpu"))
+    torch.manual_seed(0)
+    learner = Learner(_config(1), torch.device("cpu"), info)
+    part = GLOBAL // world
+    for view1, view2 in _batches():  # each rank its slice of the global batch
+        learner.step([(view1[rank * part:(rank + 1) * part], view2[rank * part:(rank + 1) * part])], 0.01, 0.99)
+    if rank == 0:
+        torch.save(_learner_state(learner), out)
+    dist.teardown()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_n_processes_equal_one_process_with_n_accumulation_steps(world, tmp_path):
+    """Batch-norm statistics are per micro-batch in both (per process in DDP without SyncBN), so the
+    math is the same: averaged gradients, one LARS step, one EMA update. Running statistics differ
+    (rank 0 only sees its own micro-batches) and are left out. One step at a small learning rate keeps BYOL
+    from amplifying float rounding (over several steps it does, as any chaotic system)."""
+    import torch.multiprocessing as mp
+    from byol_fast.dist import DistInfo
+    from byol_fast.learner import Learner
+
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_worker, args=(world, 29500 + (os.getpid() + world) % 400, str(out)), nprocs=world)
+    torch.manual_seed(0)
+    learner = Learner(_config(world), torch.device("cpu"), DistInfo())
+    part = GLOBAL // world
+    for view1, view2 in _batches():
+        learner.step([(view1[i * part:(i + 1) * part], view2[i * part:(i + 1) * part]) for i in range(world)],
+                     0.01, 0.99)
+    single, ddp = _learner_state(learner), torch.load(out)
+    assert single.keys() == ddp.keys()
+    for k in single:
+        # fp32 sums in another order, through batch norm over 4 images: agreement to ~1e-4, a hundredth of the step
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-3, atol=1e-4)
+    moved = _learner_state(Learner(_config(1), torch.device("cpu"), DistInfo()))  # the test can fail:
+    assert any(not torch.allclose(moved[k], single[k]) for k in single)  # the steps changed the weights
+
+
+# ---------------------------------------------------------------------------- user mistakes
+
+
+def test_each_mistake_stops_with_one_line_naming_it(images, tmp_path, capsys):
+    def error(*args) -> str:
+        assert train.main(TINY + list(args)) == 2
+        err = capsys.readouterr().err.strip()
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and err.endswith(errors[0]), err  # one line, the last (progress may precede it)
+        return errors[0]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert str(empty) in error(f"--data.path={empty}", f"--out_dir={tmp_path / 'a'}")
+    assert "/missing/folder" in error("--data.path=/missing/folder", f"--out_dir={tmp_path / 'a'}")
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "last.pt").write_bytes(b"not a checkpoint")
+    assert str(bad / "last.pt") in error(f"--data.path={images}", f"--out_dir={bad}", "--optim.batch_size=8")
+
+    assert "optim.batch_size" in error(f"--data.path={images}", "--optim.batch_size=6", "--optim.accumulate=4")
+    assert "data.view1.blur_p" in error("--data.view1.blur_p=often")
+    assert "precision" in error("--precision=fp8")
+    if not torch.cuda.is_available():
+        assert "cuda" in error(f"--data.path={images}", "--device=cuda")
