@@ -13,13 +13,17 @@ DEMO := data/demo
 GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPUS ?= $(GPUS_HERE)
 
-.PHONY: install test test-gpu pretrain demo-data clean help
+.PHONY: install test test-gpu pretrain demo-data index linear-eval benchmark clean help
 
 help:
 	@echo "make install                  create $(VENV) with the pinned dependencies"
 	@echo "make test                     run the test suite (CPU)"
 	@echo "make pretrain                 pretrain on the generated demo dataset (config/demo.yaml)"
 	@echo "make pretrain CONFIG=config/byol_r50_in1k_300ep.yaml DATA=/imagenet GPUS=8"
+	@echo "make index DATA=/imagenet     check every image of DATA/train and DATA/val once, write the index"
+	@echo "make linear-eval              linear evaluation of runs/demo/last.pt on the demo dataset"
+	@echo "make linear-eval LINEAR_CONFIG=config/linear_r50_in1k.yaml CHECKPOINT=runs/r50/last.pt DATA=/imagenet GPUS=8"
+	@echo "make benchmark                benchmarks/throughput.py (img/s, stage by stage)"
 
 install: $(VENV)/.installed
 
@@ -52,6 +56,22 @@ pretrain: install
 	@if [ -z "$(DATA)" ] && [ "$(CONFIG)" = "config/demo.yaml" ] && [ ! -d $(DEMO)/train ]; then \
 		$(PY) -m byol_fast.data demo $(DEMO); fi
 	$(if $(LAUNCH),$(LAUNCH),env $(LAUNCH_ENV) $(PY) -m byol_fast.launch $(LAUNCH_ARGS))
+
+index: install
+	@test -n "$(DATA)" || { echo "make index DATA=/path/to/dataset (holding train/ and val/, or images)"; exit 2; }
+	@for split in train val; do if [ -d "$(DATA)/$$split" ]; then \
+		$(PY) -m byol_fast.data index $(DATA)/$$split || exit $$?; fi; done; \
+	if [ ! -d "$(DATA)/train" ] && [ ! -d "$(DATA)/val" ]; then $(PY) -m byol_fast.data index $(DATA); fi
+
+# Linear evaluation: the demo's by default; the paper's protocol with LINEAR_CONFIG=config/linear_r50_in1k.yaml.
+LINEAR_CONFIG ?= config/linear_demo.yaml
+CHECKPOINT ?= runs/demo/last.pt
+LINEAR_ARGS = --config $(LINEAR_CONFIG) --checkpoint $(CHECKPOINT) $(if $(DATA),--data $(DATA)) $(ARGS)
+linear-eval: install
+	$(if $(filter-out 0 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) -m byol_fast.linear_eval,$(PY) -m byol_fast.linear_eval) $(LINEAR_ARGS)
+
+benchmark: install
+	$(PY) benchmarks/throughput.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -32,14 +32,14 @@ def train_cmd(images, out, launcher=()):
     return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, f"--data.path={images}", f"--out_dir={out}"]
 
 
-def kill_when(proc: subprocess.Popen, marker: str, pid_of=lambda line: None) -> str:
-    """Read the run's output until ``marker`` appears, then kill -9 the training process."""
+def kill_when(proc: subprocess.Popen, marker: str, pid_of=lambda line: None, sig=signal.SIGKILL) -> str:
+    """Read the run's output until ``marker`` appears, then send ``sig`` (kill -9) to the training process."""
     seen, pid = [], proc.pid
     for line in proc.stdout:
         seen.append(line)
         pid = pid_of(line) or pid
         if marker in line:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
             break
     else:
         raise AssertionError(f"{marker!r} never appeared:\n{''.join(seen)[-3000:]}")
@@ -76,6 +76,21 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path, sig):
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(train_cmd(images, out), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    printed = kill_when(proc, "step 3/8", sig=sig)  # mid-epoch: no checkpoint due at this step
+    printed += proc.stdout.read()
+    assert proc.wait(timeout=120) == 75, printed[-3000:]
+    stopped = torch.load(out / "last.pt", weights_only=False)["step"]
+    assert stopped >= 3 and f"stopped at step {stopped}" in printed
+    res = subprocess.run(train_cmd(images, out), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and f"at step {stopped}" in res.stdout, res.stdout[-3000:]
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
 
 
 def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):
