@@ -25,10 +25,12 @@ IDENTITY = ViewConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_p=0.0, 
                       blur_p=0.0, solarize_p=0.0)
 
 
-def dali_views(files, data, n, seed=0):
-    """n samples of (view1, view2) from the CPU pipeline, numpy float32 (n, S, S, 3) each."""
-    pipe = build_pretrain_pipeline(files, data, n, "cpu", 0, 1, None, seed)
+def dali_views(files, data, n, seed=0, device="cpu"):
+    """n samples of (view1, view2) from the pipeline on ``device``, numpy float32 (n, S, S, 3) each."""
+    pipe = build_pretrain_pipeline(files, data, n, device, 0, 1, 0 if device == "gpu" else None, seed)
     view1, view2 = pipe.run()
+    if device == "gpu":
+        view1, view2 = view1.as_cpu(), view2.as_cpu()
     return view1.as_array(), view2.as_array()
 
 
@@ -171,3 +173,20 @@ def test_colour_statistics_match_the_torchvision_reference(pictures):
         z = (a.mean(0) - b.mean(0)) / np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
         print(view, np.round(z, 2))
         assert np.abs(z).max() < 4.5, f"{view}: z-scores {np.round(z, 2)} (mean, mean, mean, std, std, std)"
+
+
+# ---------------------------------------------------------------------------- the same graph on the GPU
+
+
+@pytest.mark.gpu
+def test_gpu_graph_has_the_statistics_of_the_cpu_graph(pictures):
+    """device="gpu" (nvJPEG + GPU ops) against device="cpu", the full recipe: per-sample colour
+    summaries (z-scores, as above) and the grayscale rate of each view (4 sigma)."""
+    cpu = dali_views([pictures["photo_png"]], RECIPE, N_COLOUR, seed=9)
+    gpu = dali_views([pictures["photo_png"]], RECIPE, N_COLOUR, seed=9, device="gpu")
+    for view, c, g in zip(("view1", "view2"), cpu, gpu):
+        a, b = colour_summary(c), colour_summary(g)
+        z = (a.mean(0) - b.mean(0)) / np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
+        assert np.abs(z).max() < 4.5, f"{view}: z-scores {np.round(z, 2)} (mean, mean, mean, std, std, std)"
+        p = RECIPE.view1.grayscale_p
+        assert abs(grey(g).mean() - grey(c).mean()) <= 4 * math.sqrt(2 * p * (1 - p) / N_COLOUR)
