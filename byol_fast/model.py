@@ -76,12 +76,13 @@ class BYOL(nn.Module):
         self.target.requires_grad_(False)
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
-        z_online1, z_online2 = self.online(view1), self.online(view2)
+        h1 = self.online.encoder(view1)
+        z_online1, z_online2 = self.online.projector(h1), self.online(view2)
         q1, q2 = self.predictor(z_online1), self.predictor(z_online2)
         with torch.no_grad():
             z_target1, z_target2 = self.target(view1), self.target(view2)
         loss = byol_loss(q1, q2, z_target1, z_target2)
-        return {"loss": loss, "projection": z_online1.detach()}
+        return {"loss": loss, "projection": z_online1.detach(), "representation": h1.detach()}
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:

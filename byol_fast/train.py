@@ -72,10 +72,6 @@ def checked_index(path: str | Path, cfg: Config, info: dist.DistInfo):
     return index
 
 
-def dataset_files(cfg: Config, info: dist.DistInfo) -> list[str]:
-    return checked_index(cfg.data.path, cfg, info).files
-
-
 def build_knn_monitor(cfg: Config, info: dist.DistInfo, device: torch.device):
     """The kNN monitor (monitor.knn_every > 0): bank = center crops of the training split, queries =
     the validation split, read by linear evaluation's loaders at the pretraining resolution."""
@@ -102,20 +98,27 @@ def build_knn_monitor(cfg: Config, info: dist.DistInfo, device: torch.device):
 
 
 def build_loader(cfg: Config, info: dist.DistInfo, device: torch.device, batch: int):
-    """The two-view loader for this rank: DALI (default) or the torchvision/PIL reference."""
-    files = dataset_files(cfg, info)
+    """The two-view loader for this rank: DALI (default) or the torchvision/PIL reference; with
+    ``monitor.probe`` it also yields each image's class label."""
+    index = checked_index(cfg.data.path, cfg, info)
+    files, labels = index.files, None
+    if cfg.monitor.probe:
+        if not index.labelled:
+            raise ConfigError(f"monitor.probe: {cfg.data.path} has no class folders, and the online probe needs "
+                              "labels (or --monitor.probe=false)")
+        labels = index.labels
     if cfg.data.loader == "torchvision":
         from pipelines.reference import TorchvisionTwoViewLoader
 
         return TorchvisionTwoViewLoader(files, cfg.data, batch, cfg.data.num_threads, info.rank,
-                                        info.world_size, cfg.seed)
+                                        info.world_size, cfg.seed, labels)
     from pipelines.loader import DaliTwoViewLoader
 
     where = decode_device(cfg, device)
     if where == "gpu" and device.type != "cuda":
         raise ConfigError("data.decode: 'gpu' needs training on a CUDA GPU")
     return DaliTwoViewLoader(files, cfg.data, batch, where, info.rank, info.world_size, info.local_rank,
-                             cfg.seed, device)
+                             cfg.seed, device, labels)
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -154,6 +157,12 @@ class Run:
 
         self.learner = Learner(cfg, self.device, self.info)
         self.knn = build_knn_monitor(cfg, self.info, self.device)
+        self.probe = None
+        if cfg.monitor.probe:
+            from .monitors import OnlineProbe
+
+            classes = checked_index(cfg.data.path, cfg, self.info).num_classes
+            self.probe = OnlineProbe(self.learner.byol.online.width, classes, self.device, cfg.monitor.probe_lr)
         self.step = 0
         self.writer = Writer(str(self.out), self.info.is_main)
         self.stop_requested = False
@@ -166,8 +175,12 @@ class Run:
     # ------------------------------------------------------------------ checkpoints
 
     def state(self) -> dict:
-        return {"step": self.step, **self.learner.state_dict(), "rng": ckpt.rng_state(), "loader": self._loader_states(), "config": to_dict(self.cfg),
-                "git": ckpt.git_revision(), "world_size": self.info.world_size}
+        state = {"step": self.step, **self.learner.state_dict(), "rng": ckpt.rng_state(),
+                 "loader": self._loader_states(), "config": to_dict(self.cfg), "git": ckpt.git_revision(),
+                 "world_size": self.info.world_size}
+        if self.probe:
+            state["probe"] = self.probe.state_dict()
+        return state
 
     def _loader_states(self) -> list | None:
         """Every rank's loader position (DALI checkpoint), gathered for rank 0 to save."""
@@ -208,6 +221,8 @@ class Run:
         if (hasattr(self.loader, "load_state_dict") and len(loaders) == self.info.world_size
                 and loaders[self.info.rank] is not None):
             self.loader.load_state_dict(loaders[self.info.rank])
+        if self.probe and "probe" in state:  # a run that turns the probe on later starts it fresh
+            self.probe.load_state_dict(state["probe"])
         self.step = state["step"]
         self.log(f"resumed from {path} at step {self.step}")
 
@@ -240,11 +255,14 @@ class Run:
         while self.step < last_step:
             lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
             tau = tau_at(self.step, self.total_steps, cfg.ema.tau_base)
-            loss = self.learner.step([next(stream) for _ in range(cfg.optim.accumulate)], lr, tau)
+            micro = [next(stream) for _ in range(cfg.optim.accumulate)]
+            loss = self.learner.step([m[:2] for m in micro], lr, tau)
             self.step += 1
             if self.learner.skipped_in_row:
                 self._on_nonfinite()
             else:
+                if self.probe:  # features of the last micro-batch, detached: the probe never shapes them
+                    self.probe.step(self.learner.last_representation, micro[-1][2])
                 loss_sum += loss
                 counted += 1
             since_log += 1
@@ -290,11 +308,12 @@ class Run:
                 f"or fp32), or bad input data. The last checkpoint ({self.out / ckpt.LAST}) is from before.")
 
     def _batches(self):
-        """An endless stream of (view1, view2) micro-batches on the training device."""
+        """An endless stream of (view1, view2[, labels]) micro-batches on the training device."""
         while True:
-            for view1, view2 in self.loader:
+            for view1, view2, *labels in self.loader:
                 yield (to_device(view1, self.device, self.cfg.channels_last),
-                       to_device(view2, self.device, self.cfg.channels_last))
+                       to_device(view2, self.device, self.cfg.channels_last),
+                       *(y.to(self.device, non_blocking=True) for y in labels))
 
     def _report(self, loss: torch.Tensor, images_per_s: float) -> None:
         loss = dist.all_reduce_mean(loss).item()
@@ -302,12 +321,15 @@ class Run:
         lr = self.learner.optimizer.param_groups[0]["lr"]
         tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
         stats = {k: v.item() for k, v in collapse_stats(self.learner.last_projection).items()}
-        mem = ""
+        extra = ""
+        if self.probe:
+            stats.update(self.probe.read())
+            extra += f" probe_top1 {stats['probe/train_top1']:.1f}"
         if self.device.type == "cuda":  # reads a counter, no device sync
             stats["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-            mem = f" peak_mem {stats['train/peak_mem_gib']:.1f}GiB"
+            extra += f" peak_mem {stats['train/peak_mem_gib']:.1f}GiB"
         self.log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} tau {tau:.5f} "
-                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f}{mem}")
+                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f}{extra}")
         self.writer.scalars({"train/loss": loss, "train/lr": lr, "train/tau": tau,
                              "train/img_per_s": images_per_s, **stats}, self.step)
 

@@ -59,7 +59,8 @@ def to_torch(batch) -> torch.Tensor:
 
 
 class DaliTwoViewLoader:
-    """Yields ``steps_per_epoch`` pairs (view1, view2) per iteration, each float32 (N, 3, H, W).
+    """Yields ``steps_per_epoch`` pairs (view1, view2) per iteration, each float32 (N, 3, H, W)
+    (triples (view1, view2, labels int64 (N,)) when ``labels`` are given, for the online probe).
 
     batch_size is per rank. device: "cpu" (DALI on the CPU, no GPU needed) or "gpu" (nvJPEG + GPU ops
     on cuda:local_rank). The reader is sharded by global rank over :func:`epoch_files` (each epoch a
@@ -82,10 +83,15 @@ partition of the files over the ranks, reshuffled between epochs); the augmentat
         local_rank: int,
         seed: int,
         torch_device: torch.device,
+        labels: list[int] | None = None,
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        self.files = epoch_files(list(files), batch_size, world_size, seed)  # same list on every rank
+        # The same list on every rank; labels (for the online probe) travel with their files.
+        pairs = epoch_files(list(zip(files, labels if labels is not None else [None] * len(files))),
+                            batch_size, world_size, seed)
+        self.files = [f for f, _ in pairs]
+        self.labels = None if labels is None else [y for _, y in pairs]
         self.reader_seed = seed
         self.data = data
         self.batch_size = batch_size
@@ -116,6 +122,7 @@ partition of the files over the ranks, reshuffled between epochs); the augmentat
                 seed=self.seed,
                 reader_seed=self.reader_seed,
                 checkpoint=self._checkpoint,
+                labels=self.labels,
             )
         return self._pipe
 
@@ -124,9 +131,14 @@ partition of the files over the ranks, reshuffled between epochs); the augmentat
             self._step = 0
         pipe = self._pipeline()
         while self._step < self.steps_per_epoch:
-            view1, view2 = pipe.run()
+            out = pipe.run()
             self._step += 1
-            yield self._torch(view1), self._torch(view2)
+            views = (self._torch(out[0]), self._torch(out[1]))
+            if self.labels is None:
+                yield views
+            else:
+                labels = torch.from_dlpack(out[2].as_tensor()).reshape(-1).to(torch.int64)
+                yield (*views, labels.to(self.torch_device, non_blocking=True))
         self._step = 0
 
     def _torch(self, batch) -> torch.Tensor:

@@ -218,20 +218,23 @@ def two_view_graph(jpegs, data: DataConfig, device: str):
 
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-def _pretrain_pipeline(files, data: DataConfig, device: str, shard_id: int, num_shards: int, reader_seed: int):
+def _pretrain_pipeline(files, data: DataConfig, device: str, shard_id: int, num_shards: int, reader_seed: int,
+                       labels=None):
     # ``files`` come from pipelines.loader.epoch_files: shuffled and cut to whole batches on every
     # shard. shuffle_after_epoch reshuffles the whole list between epochs, identically on every
     # shard, so each epoch the shards partition it (random_shuffle would only mix a buffer of
     # initial_fill samples inside a shard, and shard edges drift across epochs).
-    jpegs, _ = fn.readers.file(
+    jpegs, label = fn.readers.file(
         files=list(files),
+        labels=None if labels is None else list(labels),
         shard_id=shard_id,
         num_shards=num_shards,
         shuffle_after_epoch=True,
         seed=reader_seed,
         name="Reader",
     )
-    return two_view_graph(jpegs, data, device)
+    views = two_view_graph(jpegs, data, device)
+    return views if labels is None else (*views, label)
 
 
 def build_pretrain_pipeline(
@@ -245,12 +248,14 @@ def build_pretrain_pipeline(
     seed: int,
     checkpoint: bytes | str | None = None,
     reader_seed: int | None = None,
+    labels: list[int] | None = None,
 ) -> Pipeline:
     """The two-view pipeline of one rank, built.
 
     shard_id = global rank, num_shards = world size, device_id = local rank (None for device="cpu"),
     seed = base seed + rank. ``checkpoint`` (from ``Pipeline.checkpoint()``) resumes exactly where
-    that pipeline was. ``run()`` returns (view1, view2), each ``batch_size`` float32 HWC samples.
+    that pipeline was. ``run()`` returns (view1, view2), each ``batch_size`` float32 HWC samples, and
+the int32 class labels (on the CPU) as a third output when ``labels`` (one per file) are given.
     """
     if device == "cpu" and device_id is not None:
         raise ValueError("device='cpu' runs without a GPU: pass device_id=None")
@@ -269,6 +274,7 @@ def build_pretrain_pipeline(
         seed=seed,
         prefetch_queue_depth=data.prefetch,
         checkpoint=checkpoint,
+        labels=labels,
     )
     pipe.build()
     return pipe

@@ -51,8 +51,8 @@ class TwoViewTransform:
 class _TwoViewFiles(torch.utils.data.Dataset):
     """files[i] -> (view1, view2), with torch's RNG seeded by (seed, epoch, i) for this sample only."""
 
-    def __init__(self, files: list[str], transform: TwoViewTransform, seed: int):
-        self.files, self.transform, self.seed = list(files), transform, seed
+    def __init__(self, files: list[str], transform: TwoViewTransform, seed: int, labels=None):
+        self.files, self.transform, self.seed, self.labels = list(files), transform, seed, labels
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -63,7 +63,8 @@ class _TwoViewFiles(torch.utils.data.Dataset):
             img = f.convert("RGB")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
-            return self.transform(img)
+            views = self.transform(img)
+        return views if self.labels is None else (*views, self.labels[i])
 
 
 class TorchvisionTwoViewLoader:
@@ -74,9 +75,10 @@ class TorchvisionTwoViewLoader:
     float32 (N, 3, H, W) on the CPU (contiguous NCHW).
     """
 
-    def __init__(self, files, data: DataConfig, batch_size: int, workers: int, rank: int, world_size: int, seed: int):
+    def __init__(self, files, data: DataConfig, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
+                 labels=None):
         self.steps_per_epoch = steps_per_epoch(len(files), batch_size, world_size)
-        self.dataset = _TwoViewFiles(files, TwoViewTransform(data), seed)
+        self.dataset = _TwoViewFiles(files, TwoViewTransform(data), seed, labels)
         self.sampler = torch.utils.data.DistributedSampler(
             self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
@@ -97,8 +99,8 @@ class TorchvisionTwoViewLoader:
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
         self.dataset.epoch = self.epoch  # copied into the workers when they start, once per epoch
-        for step, (view1, view2) in enumerate(self.loader):
+        for step, batch in enumerate(self.loader):
             if step == self.steps_per_epoch:  # never reached with drop_last: floor(floor(N/W)/B) = floor(N/(WB))
                 break
-            yield view1, view2
+            yield tuple(batch)
         self.epoch += 1

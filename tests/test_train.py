@@ -96,3 +96,30 @@ def test_knn_monitor_runs_at_epoch_ends_and_needs_a_val_split(tmp_path, capsys):
     assert 0.0 <= top1 <= 100.0
     assert run(args + [f"--monitor.val_path={tmp_path / 'nowhere'}"]) == 2
     assert "monitor.val_path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_online_probe_trains_on_labels_and_resumes(images, tmp_path, capsys, loader):
+    out = tmp_path / "run"
+    args = TINY + [f"--data.path={images}", f"--out_dir={out}", "--optim.batch_size=8", "--monitor.probe=true",
+                   f"--data.loader={loader}", "--data.num_threads=0" if loader == "torchvision" else "--log_every=1"]
+    assert run(args + ["--max_steps=2"]) == 0
+    printed = capsys.readouterr().out
+    top1 = [float(line.split("probe_top1 ")[1].split()[0]) for line in printed.splitlines() if "probe_top1" in line]
+    assert len(top1) == 2 and all(0.0 <= t <= 100.0 for t in top1)
+    probe = torch.load(out / "last.pt", weights_only=False)["probe"]
+    assert probe["head"]["weight"].shape == (2, 512)  # two classes, ResNet-18 features
+    assert run(args + ["--max_steps=3"]) == 0
+    assert "at step 2" in capsys.readouterr().out
+    moved = torch.load(out / "last.pt", weights_only=False)["probe"]["head"]["weight"]
+    assert not torch.equal(moved, probe["head"]["weight"])
+
+
+def test_online_probe_needs_class_folders(tmp_path, capsys):
+    flat = tmp_path / "flat"
+    for i, path in enumerate(write_noise_jpegs(tmp_path / "src", 8).rglob("*.jpg")):
+        flat.mkdir(exist_ok=True)
+        path.rename(flat / f"{i}.jpg")
+    assert run(TINY + [f"--data.path={flat}", f"--out_dir={tmp_path / 'o'}", "--optim.batch_size=4",
+                       "--monitor.probe=true"]) == 2
+    assert "monitor.probe" in capsys.readouterr().err
