@@ -37,6 +37,20 @@ def collapse_stats(projection: torch.Tensor) -> dict[str, torch.Tensor]:
             "collapse/dead_fraction": (std < 0.1 * healthy).float().mean()}
 
 
+def pair_retrieval(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Fraction of a batch whose prediction (view 1) is closer in cosine to its own image's target
+    projection (view 2) than to any other image's: 1/N at chance.
+
+    The BYOL loss can fall a long way while this stays at chance: early in training the predictor
+    learns the direction all target projections share, which raises every cosine without telling
+    images apart. This is the signal that instance features are being learned.
+    """
+    q = F.normalize(prediction.float(), dim=1)
+    z = F.normalize(target.float(), dim=1)
+    own = torch.arange(len(q), device=q.device)
+    return ((q @ z.T).argmax(dim=1) == own).float().mean()
+
+
 class Writer:
     """tensorboardX event files in the run folder; a no-op on ranks other than 0."""
 

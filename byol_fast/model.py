@@ -82,7 +82,8 @@ class BYOL(nn.Module):
         with torch.no_grad():
             z_target1, z_target2 = self.target(view1), self.target(view2)
         loss = byol_loss(q1, q2, z_target1, z_target2)
-        return {"loss": loss, "projection": z_online1.detach(), "representation": h1.detach()}
+        return {"loss": loss, "projection": z_online1.detach(), "representation": h1.detach(),
+                "prediction": q1.detach(), "target_projection": z_target2}
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:

@@ -22,7 +22,7 @@ from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ConfigError, load_config, to_dict, to_yaml
 from .data import DatasetError, load_index
-from .metrics import Throughput, Writer, collapse_stats
+from .metrics import Throughput, Writer, collapse_stats, pair_retrieval
 from .learner import Learner
 from .schedules import lr_at, scaled_lr, tau_at
 
@@ -321,6 +321,7 @@ class Run:
         lr = self.learner.optimizer.param_groups[0]["lr"]
         tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
         stats = {k: v.item() for k, v in collapse_stats(self.learner.last_projection).items()}
+        stats["train/pair_top1"] = 100.0 * pair_retrieval(*self.learner.last_pair).item()
         extra = ""
         if self.probe:
             stats.update(self.probe.read())
@@ -329,7 +330,8 @@ class Run:
             stats["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             extra += f" peak_mem {stats['train/peak_mem_gib']:.1f}GiB"
         self.log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} tau {tau:.5f} "
-                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f}{extra}")
+                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f} "
+                 f"pair_top1 {stats['train/pair_top1']:.1f}{extra}")
         self.writer.scalars({"train/loss": loss, "train/lr": lr, "train/tau": tau,
                              "train/img_per_s": images_per_s, **stats}, self.step)
 

@@ -173,3 +173,15 @@ def test_distributed_knn_and_probe_equal_single_process(tmp_path):
         assert got["acc"] == pytest.approx(single)
         assert torch.allclose(got["weight"], ref.head.weight, atol=1e-6)
         assert got["read"] == pytest.approx(ref_read, rel=1e-5)
+
+
+def test_pair_retrieval_hand_cases():
+    from byol_fast.metrics import pair_retrieval
+
+    z = torch.eye(4) * 3.0
+    assert pair_retrieval(z * 2, z).item() == 1.0  # scale does not matter, own pair always closest
+    assert pair_retrieval(z[[1, 0, 3, 2]], z).item() == 0.0  # every prediction points at another image
+    shared = torch.ones(4, 4) + 0.01 * torch.eye(4)[[1, 2, 3, 0]]  # a common direction, nudged wrongly
+    assert pair_retrieval(shared, torch.ones(4, 4) + 0.01 * torch.eye(4)).item() == 0.0
+    half = torch.stack([z[0], z[1], z[0], z[1]])
+    assert pair_retrieval(half, z).item() == 0.5
