@@ -72,9 +72,10 @@ def checked_index(path: str | Path, cfg: Config, info: dist.DistInfo):
     return index
 
 
-def build_knn_monitor(cfg: Config, info: dist.DistInfo, device: torch.device):
-    """The kNN monitor (monitor.knn_every > 0): bank = center crops of the training split, queries =
-    the validation split, read by linear evaluation's loaders at the pretraining resolution."""
+def build_knn_monitor(cfg: Config, bank, info: dist.DistInfo, device: torch.device):
+    """The kNN monitor (monitor.knn_every > 0): bank = center crops of the training split (its index
+    ``bank``), queries = the validation split, read by linear evaluation's loaders at the pretraining
+    resolution."""
     if cfg.monitor.knn_every <= 0:
         return None
     from .linear_eval import LinearDataConfig, eval_loader
@@ -84,7 +85,7 @@ def build_knn_monitor(cfg: Config, info: dist.DistInfo, device: torch.device):
     if not val_path.is_dir():
         raise ConfigError(f"monitor.val_path: {val_path} is not a folder; the kNN monitor needs a labelled "
                           "validation split (or --monitor.knn_every=0 to turn it off)")
-    bank, query = checked_index(cfg.data.path, cfg, info), checked_index(val_path, cfg, info)
+    query = checked_index(val_path, cfg, info)
     if not (bank.labelled and query.labelled) or bank.classes != query.classes:
         raise ConfigError(f"monitor.knn_every: the kNN monitor needs class folders, the same in {cfg.data.path} "
                           f"and {val_path} (or --monitor.knn_every=0)")
@@ -97,10 +98,9 @@ def build_knn_monitor(cfg: Config, info: dist.DistInfo, device: torch.device):
                       bank.num_classes, cfg.monitor.knn_k, cfg.monitor.knn_temperature, cfg.monitor.knn_bank_limit)
 
 
-def build_loader(cfg: Config, info: dist.DistInfo, device: torch.device, batch: int):
-    """The two-view loader for this rank: DALI (default) or the torchvision/PIL reference; with
-    ``monitor.probe`` it also yields each image's class label."""
-    index = checked_index(cfg.data.path, cfg, info)
+def build_loader(cfg: Config, index, info: dist.DistInfo, device: torch.device, batch: int):
+    """The two-view loader of this rank over the training ``index``: DALI (default) or the
+    torchvision/PIL reference; with ``monitor.probe`` it also yields each image's class label."""
     files, labels = index.files, None
     if cfg.monitor.probe:
         if not index.labelled:
@@ -134,8 +134,9 @@ class Run:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.info = dist.setup(resolve_device(cfg))
-        self.device = dist.local_device(resolve_device(cfg), self.info)
+        device = resolve_device(cfg)
+        self.info = dist.setup(device)
+        self.device = dist.local_device(device, self.info)
         self.out = Path(cfg.out_dir)
         torch.manual_seed(cfg.seed + self.info.rank)
         self.log(f"byol_fast {ckpt.git_revision()} | {self.info.world_size} process(es) on {self.device} "
@@ -146,7 +147,8 @@ class Run:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
 
         self.batch = micro_batch_size(cfg, self.info.world_size)
-        self.loader = build_loader(cfg, self.info, self.device, self.batch)
+        self.index = checked_index(cfg.data.path, cfg, self.info)  # read once: loader, kNN bank, probe classes
+        self.loader = build_loader(cfg, self.index, self.info, self.device, self.batch)
         self.steps_per_epoch = self.loader.steps_per_epoch // cfg.optim.accumulate
         if self.steps_per_epoch < 1:
             raise ConfigError(f"optim.accumulate: {cfg.optim.accumulate} micro-batches exceed the "
@@ -156,13 +158,13 @@ class Run:
         self.peak_lr = scaled_lr(cfg.optim.lr, cfg.optim.batch_size)
 
         self.learner = Learner(cfg, self.device, self.info)
-        self.knn = build_knn_monitor(cfg, self.info, self.device)
+        self.knn = build_knn_monitor(cfg, self.index, self.info, self.device)
         self.probe = None
         if cfg.monitor.probe:
             from .monitors import OnlineProbe
 
-            classes = checked_index(cfg.data.path, cfg, self.info).num_classes
-            self.probe = OnlineProbe(self.learner.byol.online.width, classes, self.device, cfg.monitor.probe_lr)
+            self.probe = OnlineProbe(self.learner.byol.online.width, self.index.num_classes, self.device,
+                                     cfg.monitor.probe_lr)
         self.step = 0
         self.writer = Writer(str(self.out), self.info.is_main)
         self.stop_requested = False
@@ -316,12 +318,15 @@ class Run:
                        *(y.to(self.device, non_blocking=True) for y in labels))
 
     def _report(self, loss: torch.Tensor, images_per_s: float) -> None:
-        loss = dist.all_reduce_mean(loss).item()
         epoch = (self.step - 1) // self.steps_per_epoch
         lr = self.learner.optimizer.param_groups[0]["lr"]
         tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
-        stats = {k: v.item() for k, v in collapse_stats(self.learner.last_projection).items()}
-        stats["train/pair_top1"] = 100.0 * pair_retrieval(*self.learner.last_pair).item()
+        device_stats = {"train/loss": dist.all_reduce_mean(loss),
+                        **collapse_stats(self.learner.last_projection),
+                        "train/pair_top1": 100.0 * pair_retrieval(*self.learner.last_pair)}
+        # One host sync for all of them (read every log_every steps, never per step).
+        stats = dict(zip(device_stats, torch.stack(list(device_stats.values())).tolist()))
+        loss = stats.pop("train/loss")
         extra = ""
         if self.probe:
             stats.update(self.probe.read())

@@ -30,3 +30,27 @@ def write_noise_jpegs(root: Path, count: int = 16, seed: int = 0) -> Path:
         pixels = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(folder / f"{i}.jpg", quality=90)
     return root
+
+
+# Shared by the pipeline and augmentation-statistics tests.
+from byol_fast.config import ViewConfig  # noqa: E402
+
+IDENTITY = ViewConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
+                      blur_p=0.0, solarize_p=0.0)  # a view that returns the (normalised) image unchanged
+
+
+def save(path, array) -> str:
+    """Write a uint8 HWC array as an image file (format from the suffix); return the path as str."""
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+    return str(path)
+
+
+def smooth_texture(rng, h, w):
+    """A colourful uint8 (h, w, 3) image, smooth like a photo (upsampled noise), covering most of [0, 255]."""
+    import numpy as np
+    from PIL import Image
+
+    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))

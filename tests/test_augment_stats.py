@@ -15,14 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from byol_fast.config import DataConfig, ViewConfig
+from byol_fast.config import DataConfig
+from conftest import IDENTITY, save, smooth_texture
 from pipelines.pretrain import build_pretrain_pipeline
 from pipelines.reference import TwoViewTransform
 
 S = 32
 RECIPE = DataConfig(image_size=S, num_threads=2)  # the paper's probabilities and strengths
-IDENTITY = ViewConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
-                      blur_p=0.0, solarize_p=0.0)
 
 
 def dali_views(files, data, n, seed=0, device="cpu"):
@@ -56,16 +55,6 @@ def ks_statistic(a: np.ndarray, b: np.ndarray) -> float:
 
 def ks_critical(n: int, m: int, alpha: float = 1e-3) -> float:
     return math.sqrt(-math.log(alpha / 2) / 2) * math.sqrt((n + m) / (n * m))
-
-
-def save(path, array) -> str:
-    Image.fromarray(array).save(path)
-    return str(path)
-
-
-def smooth_texture(rng, h, w) -> np.ndarray:
-    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from byol_fast.config import DataConfig, ViewConfig
+from conftest import IDENTITY, save, smooth_texture
 from pipelines import pretrain
 from pipelines.linear_eval import DaliLinearLoader, shard_size
 from pipelines.loader import DaliTwoViewLoader, steps_per_epoch
@@ -25,8 +26,6 @@ S = 32  # output side of the op tests, and the side of their square PNGs
 MEAN = np.array(DataConfig().mean, np.float32)
 STD = np.array(DataConfig().std, np.float32)
 LEVEL = 1.0 / (255.0 * STD.min())  # one uint8 step, normalised
-IDENTITY = ViewConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
-                      blur_p=0.0, solarize_p=0.0)
 
 
 def data_config(view1=IDENTITY, view2=IDENTITY, **kw) -> DataConfig:
@@ -62,18 +61,7 @@ def hwc(t: torch.Tensor) -> np.ndarray:
     return t.permute(1, 2, 0).numpy()
 
 
-def save(path, array) -> str:
-    Image.fromarray(array).save(path)
-    return str(path)
-
-
 # ---------------------------------------------------------------------------- images
-
-
-def smooth_texture(rng, h, w) -> np.ndarray:
-    """A colourful uint8 image, smooth like a photo (upsampled noise), covering most of [0, 255]."""
-    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((w, h), Image.BICUBIC))
 
 
 @pytest.fixture(scope="module")
