@@ -39,9 +39,9 @@ class Learner:
                               momentum=cfg.optim.momentum, eta=cfg.optim.eta)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.forward = torch.compile(self.model) if cfg.compile else self.model
-        self.last_projection: torch.Tensor | None = None  # online projections of view 1, last micro-batch
-        self.last_representation: torch.Tensor | None = None  # its encoder features (the online probe's input)
-        self.last_pair: tuple[torch.Tensor, torch.Tensor] | None = None  # predictions of view 1, targets of view 2
+        # The last micro-batch's detached outputs for the monitors (BYOL.forward without "loss"):
+        # projection, representation, prediction (view 1) and target_projection (view 2).
+        self.last: dict[str, torch.Tensor] = {}
         self.skipped_in_row = 0  # consecutive non-finite steps
         # Batch-norm running statistics, saved before each step: a NaN batch would poison them
         # (and with them every later evaluation), so a skipped step puts them back.
@@ -70,8 +70,7 @@ class Learner:
                     out = self.forward(view1, view2)
                 self.scaler.scale(out["loss"] / n).backward()
             total += out["loss"].detach() / n
-        self.last_projection, self.last_representation = out["projection"], out["representation"]
-        self.last_pair = (out["prediction"], out["target_projection"])  # for the pair-retrieval monitor
+        self.last = {k: v for k, v in out.items() if k != "loss"}
         if not self._finite(total):
             self.optimizer.zero_grad(set_to_none=True)
             torch._foreach_copy_(self._stats, self._stats_backup)

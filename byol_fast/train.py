@@ -264,7 +264,7 @@ class Run:
                 self._on_nonfinite()
             else:
                 if self.probe:  # features of the last micro-batch, detached: the probe never shapes them
-                    self.probe.step(self.learner.last_representation, micro[-1][2])
+                    self.probe.step(self.learner.last["representation"], micro[-1][2])
                 loss_sum += loss
                 counted += 1
             since_log += 1
@@ -322,8 +322,9 @@ class Run:
         lr = self.learner.optimizer.param_groups[0]["lr"]
         tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
         device_stats = {"train/loss": dist.all_reduce_mean(loss),
-                        **collapse_stats(self.learner.last_projection),
-                        "train/pair_top1": 100.0 * pair_retrieval(*self.learner.last_pair)}
+                        **collapse_stats(self.learner.last["projection"]),
+                        "train/pair_top1": 100.0 * pair_retrieval(self.learner.last["prediction"],
+                                                                  self.learner.last["target_projection"])}
         # One host sync for all of them (read every log_every steps, never per step).
         stats = dict(zip(device_stats, torch.stack(list(device_stats.values())).tolist()))
         loss = stats.pop("train/loss")

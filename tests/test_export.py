@@ -43,8 +43,10 @@ def pretrain_ckpt(tmp_path_factory):
 
 
 def close(a, b):
-    """Equal up to float32 rounding (features of random-ish networks reach the hundreds)."""
-    return torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    """Equal up to float32 rounding. Features of random-ish networks reach the thousands, and sums in
+    another order (another batch size picks other kernels) differ by ~1e-6 of the largest of them,
+    which small entries feel in full: the absolute floor scales with the largest feature."""
+    return torch.allclose(a, b, rtol=1e-4, atol=1e-4 + 1e-6 * b.abs().max().item())
 
 
 def torchvision_features(state, images):
@@ -87,7 +89,9 @@ def test_export_target_and_torchscript(pretrain_ckpt, tmp_path):
     # The TorchScript module normalises by itself and takes uint8 too.
     assert close(scripted(images01), want)
     as_uint8 = (images01 * 255).round().to(torch.uint8)
-    assert torch.allclose(scripted(as_uint8), scripted(as_uint8.float() / 255), atol=1e-6)
+    with torch.no_grad():
+        want_u8 = torchvision_features(torch.load(out), (as_uint8.float() / 255 - MEAN) / STD)
+    assert close(scripted(as_uint8), want_u8)
 
 
 def test_feature_api_reads_checkpoint_and_export_alike(pretrain_ckpt, tmp_path):

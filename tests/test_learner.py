@@ -21,6 +21,7 @@ def snapshot(learner):
 
 
 def same(a, b):
+    assert a.keys() == b.keys()
     return all(torch.equal(x, y) for x, y in zip(a.values(), b.values()) if isinstance(x, torch.Tensor))
 
 
@@ -36,6 +37,7 @@ def test_nonfinite_step_is_skipped_and_counted():
         assert same(before[part], after[part]), part  # batch-norm running statistics included
     state_b = before["optimizer"]["state"]
     state_a = after["optimizer"]["state"]
+    assert state_b and state_b.keys() == state_a.keys()
     assert all(torch.equal(state_b[k]["momentum_buffer"], state_a[k]["momentum_buffer"]) for k in state_b)
     assert learner.skipped_in_row == 1 and learner.skipped_total == 1
     learner.step([views], lr=0.1, tau=0.9)

@@ -92,6 +92,7 @@ def test_cached_run_results_resume_and_frozen_encoder(data_root, pretrain_ckpt, 
     # (eval mode: not even the batch-norm running statistics moved).
     online = torch.load(pretrain_ckpt)["online"]
     saved = torch.load(out / "last.pt", weights_only=False)
+    assert set(saved["encoder"]) == {k[len("encoder."):] for k in online if k.startswith("encoder.")}
     assert all(torch.equal(saved["encoder"][k], online["encoder." + k]) for k in saved["encoder"])
     images = torch.rand(2, 3, 32, 32)
     assert torch.allclose(load_feature_extractor(out / "last.pt")(images), load_feature_extractor(pretrain_ckpt)(images))

@@ -93,7 +93,7 @@ def test_knn_monitor_runs_at_epoch_ends_and_needs_a_val_split(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("knn")]
     assert len(lines) == 2, lines  # steps/epoch = 2: after epochs 1 and 2
     top1 = float(lines[-1].split("top1 ")[1].split()[0])
-    assert 0.0 <= top1 <= 100.0
+    assert (top1 * 8 / 100) == pytest.approx(round(top1 * 8 / 100), abs=1e-3)  # hits among exactly the 8 val images
     assert run(args + [f"--monitor.val_path={tmp_path / 'nowhere'}"]) == 2
     assert "monitor.val_path" in capsys.readouterr().err
 
@@ -106,7 +106,8 @@ def test_online_probe_trains_on_labels_and_resumes(images, tmp_path, capsys, loa
     assert run(args + ["--max_steps=2"]) == 0
     printed = capsys.readouterr().out
     top1 = [float(line.split("probe_top1 ")[1].split()[0]) for line in printed.splitlines() if "probe_top1" in line]
-    assert len(top1) == 2 and all(0.0 <= t <= 100.0 for t in top1)
+    # log_every=1: each figure is one step of 8 images, so a whole number of eighths
+    assert len(top1) == 2 and all(t * 8 / 100 == pytest.approx(round(t * 8 / 100), abs=1e-3) for t in top1)
     probe = torch.load(out / "last.pt", weights_only=False)["probe"]
     assert probe["head"]["weight"].shape == (2, 512)  # two classes, ResNet-18 features
     assert run(args + ["--max_steps=3"]) == 0
