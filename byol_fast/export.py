@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError, atomic_save
-from .features import FeatureExtractor, build_frozen_encoder, read_encoder_weights
+from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
 
 
 def torchscript_path(out: str | Path) -> Path:
@@ -34,13 +34,14 @@ def torchscript_path(out: str | Path) -> Path:
 
 
 def export_encoder(checkpoint: str | Path, out: str | Path, which: str = "online",
-                   torchscript: bool = False) -> list[Path]:
+                   torchscript: bool = False, weights: EncoderWeights | None = None) -> list[Path]:
     """Write the encoder of ``checkpoint`` (any file byol_fast.features reads) to ``out``.
 
     Returns the paths written. The state_dict passes through a real torchvision encoder first
-    (strict load), so a file that would not load into torchvision is never written.
+    (strict load), so a file that would not load into torchvision is never written. ``weights``:
+    the checkpoint's encoder weights when the caller has already read them.
     """
-    weights = read_encoder_weights(checkpoint, which)
+    weights = weights or read_encoder_weights(checkpoint, which)
     encoder, width = build_frozen_encoder(weights, checkpoint)
     atomic_save(encoder.state_dict(), out)
     written = [Path(out)]
@@ -67,12 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--torchscript", action="store_true", help="also write OUT's stem + .torchscript.pt")
     args = parser.parse_args(argv)
     try:
-        written = export_encoder(args.checkpoint, args.out, args.which, args.torchscript)
+        weights = read_encoder_weights(args.checkpoint, args.which)
+        written = export_encoder(args.checkpoint, args.out, torchscript=args.torchscript, weights=weights)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    backbone = read_encoder_weights(written[0]).backbone
-    print(f"wrote {written[0]}: torchvision.models.{backbone}() state_dict without fc.* "
+    print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
           f"(load with strict=False; expects ImageNet-normalised input)")
     for path in written[1:]:
         print(f"wrote {path}: TorchScript, RGB in [0, 1] or uint8 -> features")

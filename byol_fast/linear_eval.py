@@ -43,7 +43,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import dist
 from .config import ConfigError, load_config, parse_overrides, to_dict, to_yaml
-from .data import DatasetError, load_index
+from .data import DatasetError, checked_index
 from .features import (IMAGENET_MEAN, IMAGENET_STD, LINEAR_KIND, EncoderWeights, build_frozen_encoder,
                        freeze, loader_features, read_encoder_weights)
 from .learner import resolve_precision
@@ -131,9 +131,10 @@ def per_process_batch(cfg: LinearConfig, world_size: int) -> int:
 # ---------------------------------------------------------------------------- data
 
 
-def split_index(root: str | Path, split: str):
-    """The checked index (byol_fast.data) of ``root/split``; it must be a labelled class tree."""
-    index = load_index(Path(root) / split)
+def split_index(root: str | Path, split: str, info: dist.DistInfo):
+    """The checked index (byol_fast.data) of ``root/split``, built by rank 0 only; it must be a
+    labelled class tree."""
+    index = checked_index(Path(root) / split, info)
     if not index.labelled:
         raise ConfigError(f"data.path: {Path(root) / split} has no class folders; linear evaluation needs labels")
     return index
@@ -159,7 +160,7 @@ class FolderLoader:
     def steps_per_epoch(self) -> int:
         if self.train:
             return len(self.files) // (self.batch * self.world)
-        return math.ceil(len(self._shard()) / self.batch)
+        return math.ceil(len(range(self.rank, len(self.files), self.world)) / self.batch)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -175,8 +176,8 @@ class FolderLoader:
         return self.steps_per_epoch
 
     def __iter__(self):
-        dataset = _Images([self.files[i] for i in self._shard()], [self.labels[i] for i in self._shard()],
-                          self.transform)
+        shard = self._shard()
+        dataset = _Images([self.files[i] for i in shard], [self.labels[i] for i in shard], self.transform)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch, shuffle=False, drop_last=self.train,
                                              num_workers=self.workers, persistent_workers=False)
         yield from loader
@@ -266,8 +267,9 @@ class LinearEval:
         check_config(cfg)
         self.cfg = cfg
         torch.manual_seed(cfg.seed)  # the classifier's initialisation (DDP then copies rank 0's)
-        self.info = dist.setup(resolve_device(cfg))
-        self.device = dist.local_device(resolve_device(cfg), self.info)
+        device = resolve_device(cfg)
+        self.info = dist.setup(device)
+        self.device = dist.local_device(device, self.info)
         self.out = output_dir(cfg)
         self.amp_dtype = resolve_precision(cfg, self.device)
         self.log(f"byol_fast {ckpt.git_revision()} | linear evaluation | {self.info.world_size} process(es) "
@@ -278,7 +280,8 @@ class LinearEval:
         self.mean_std = (tuple(weights.mean), tuple(weights.std)) if weights else (cfg.data.mean, cfg.data.std)
         self.encoder.to(self.device, memory_format=self._memory_format())
         data = self._data_config()
-        self.train_index, self.val_index = split_index(data.path, "train"), split_index(data.path, "val")
+        self.train_index, self.val_index = (split_index(data.path, "train", self.info),
+                                            split_index(data.path, "val", self.info))
         if self.train_index.classes != self.val_index.classes:
             raise ConfigError(f"data.path: train/ and val/ of {data.path} have different class folders")
         self.num_classes = self.train_index.num_classes

@@ -21,7 +21,7 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ConfigError, load_config, to_dict, to_yaml
-from .data import DatasetError, load_index
+from .data import DatasetError, checked_index
 from .metrics import Throughput, Writer, collapse_stats, pair_retrieval
 from .learner import Learner
 from .schedules import lr_at, scaled_lr, tau_at
@@ -60,18 +60,6 @@ def decode_device(cfg: Config, device: torch.device) -> str:
 # ---------------------------------------------------------------------------- data
 
 
-def checked_index(path: str | Path, cfg: Config, info: dist.DistInfo):
-    """The index of checked images under ``path``: rank 0 scans or refreshes it, the others then reuse it."""
-    if info.is_main:
-        index = load_index(path, workers=cfg.data.workers, progress=True)
-    dist.barrier()
-    if not info.is_main:
-        index = load_index(path, progress=False)
-    if index.skipped and info.is_main:
-        print(f"index: {len(index.files)} images, {len(index.skipped)} left out (see {index.report_path})", flush=True)
-    return index
-
-
 def build_knn_monitor(cfg: Config, bank, info: dist.DistInfo, device: torch.device):
     """The kNN monitor (monitor.knn_every > 0): bank = center crops of the training split (its index
     ``bank``), queries = the validation split, read by linear evaluation's loaders at the pretraining
@@ -85,7 +73,7 @@ def build_knn_monitor(cfg: Config, bank, info: dist.DistInfo, device: torch.devi
     if not val_path.is_dir():
         raise ConfigError(f"monitor.val_path: {val_path} is not a folder; the kNN monitor needs a labelled "
                           "validation split (or --monitor.knn_every=0 to turn it off)")
-    query = checked_index(val_path, cfg, info)
+    query = checked_index(val_path, info, cfg.data.workers)
     if not (bank.labelled and query.labelled) or bank.classes != query.classes:
         raise ConfigError(f"monitor.knn_every: the kNN monitor needs class folders, the same in {cfg.data.path} "
                           f"and {val_path} (or --monitor.knn_every=0)")
@@ -147,7 +135,7 @@ class Run:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
 
         self.batch = micro_batch_size(cfg, self.info.world_size)
-        self.index = checked_index(cfg.data.path, cfg, self.info)  # read once: loader, kNN bank, probe classes
+        self.index = checked_index(cfg.data.path, self.info, cfg.data.workers)  # read once: loader, kNN bank, probe classes
         self.loader = build_loader(cfg, self.index, self.info, self.device, self.batch)
         self.steps_per_epoch = self.loader.steps_per_epoch // cfg.optim.accumulate
         if self.steps_per_epoch < 1:

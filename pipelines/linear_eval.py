@@ -100,7 +100,7 @@ class DaliLinearLoader:
     """Yields (images float32 (N, 3, S, S) channels_last, labels int64 (N,)) of this rank's shard.
 
     train=True: ``len(files) // (batch_size * world_size)`` full batches per epoch on every rank,
-    reshuffled, streaming across epochs like the pretraining loader.
+    each epoch a partition of the kept files over the ranks (``loader.epoch_files``), reshuffled.
     train=False: every file of the rank's shard exactly once per iteration, in order; all ranks run
     ``ceil(ceil(N / world) / batch)`` steps (DALI pads each shard to ceil(N / world) files), so the last
     batch of a rank can be short or even empty, and the shards together cover each file exactly once.

@@ -1,9 +1,9 @@
 """The two-view DALI pipeline as an iterable of torch tensors, one epoch per ``iter()``.
 
 Every rank runs the same number of steps per epoch, ``len(files) // (batch_size * world_size)``, so
-that collectives (DDP, SyncBatchNorm) never wait on a rank that has stopped. The DALI reader streams
-without epoch breaks: what a rank does not consume in one epoch (fewer than one batch per epoch) it
-gets at the start of the next, so every file is still seen equally often.
+that collectives (DDP, SyncBatchNorm) never wait on a rank that has stopped. The reader walks
+:func:`epoch_files` (cut to whole batches on every shard), so a DALI reader epoch is exactly one
+training epoch: each epoch the ranks' shards partition the kept files.
 
 DALI's outputs reach torch without a copy (DLPack; DALI's dynamic executor keeps an output's memory
 alive while a torch tensor refers to it) and as ``(N, 3, H, W)`` views of NHWC memory, i.e. torch's

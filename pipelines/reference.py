@@ -99,8 +99,8 @@ class TorchvisionTwoViewLoader:
     def __iter__(self):
         self.sampler.set_epoch(self.epoch)
         self.dataset.epoch = self.epoch  # copied into the workers when they start, once per epoch
-        for step, batch in enumerate(self.loader):
-            if step == self.steps_per_epoch:  # never reached with drop_last: floor(floor(N/W)/B) = floor(N/(WB))
-                break
+        # DistributedSampler(drop_last) + DataLoader(drop_last) give floor(floor(N/W)/B) = floor(N/(WB))
+        # batches: exactly steps_per_epoch.
+        for batch in self.loader:
             yield tuple(batch)
         self.epoch += 1
