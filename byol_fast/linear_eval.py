@@ -406,12 +406,14 @@ class LinearEval:
         self.log(f"received signal {signum}: stopping; the interrupted epoch repeats on resume")
         self.stop_requested = True
 
-    def _agree_stop(self) -> bool:
-        """All ranks stop at the same step, or DDP's collectives would deadlock."""
-        flag = torch.tensor([float(self.stop_requested)], device=self.device)
+    def _read_and_agree(self, loss: torch.Tensor) -> tuple[float, bool]:
+        """(mean loss over the ranks, whether any rank was asked to stop): one all-reduce and one
+        host sync. All ranks stop at the same step, or DDP's collectives would deadlock."""
+        both = torch.stack([loss.float(), torch.full_like(loss, float(self.stop_requested), dtype=torch.float32)])
         if tdist.is_initialized():
-            tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
-        return bool(flag.item())
+            tdist.all_reduce(both)  # sums: the loss is divided below, any stop flag stays > 0
+        mean, stop = both.tolist()
+        return mean / self.info.world_size, stop > 0
 
     def fit(self) -> int:
         cfg = self.cfg
@@ -458,12 +460,12 @@ class LinearEval:
             since_log += 1
             meter.add(len(labels) * self.info.world_size)
             if since_log == self.cfg.log_every or i + 1 == self.steps_per_epoch:
-                mean = dist.all_reduce_mean(loss_sum / since_log).item()  # host sync: reads the loss
+                mean, stop = self._read_and_agree(loss_sum / since_log)
                 loss_total += mean * since_log
                 self.writer.scalars({"linear/loss": mean, "linear/lr": lr}, step0 + i + 1)
                 loss_sum.zero_()
                 since_log = 0
-                if self._agree_stop():
+                if stop:
                     return None
         return {"train_loss": loss_total / max(self.steps_per_epoch, 1), "img_per_s": meter.read(),
                 "lr": lr_at(step0 + self.steps_per_epoch, self.total_steps, 0, self.peak_lr)}
