@@ -14,30 +14,16 @@ from __future__ import annotations
 import math
 
 import torch
-from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import fn, pipeline_def
 
 from pipelines.loader import DEVICES, epoch_files, steps_per_epoch, to_torch
-from pipelines.pretrain import INTERP, decode
+from pipelines.pretrain import INTERP, decode, normalise
 
 ASPECT = (3 / 4, 4 / 3)
 
 
 def _opt(data, name: str, default):
     return getattr(data, name, default)
-
-
-def _normalise(images, data, mirror=None, crop=None):
-    """uint8 HWC -> float32 HWC (crop, mirror,) normalised by mean/std given on [0, 1] pixels."""
-    extra = {} if crop is None else dict(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5)
-    return fn.crop_mirror_normalize(
-        images,
-        mirror=0 if mirror is None else mirror,
-        mean=[255.0 * m for m in data.mean],
-        std=[255.0 * s for s in data.std],
-        dtype=types.FLOAT,
-        output_layout="HWC",
-        **extra,
-    )
 
 
 def train_graph(images, data):
@@ -50,7 +36,7 @@ def train_graph(images, data):
         interp_type=INTERP[_opt(data, "interp", "linear")],
         antialias=True,
     )
-    return _normalise(crop, data, mirror=fn.random.coin_flip(probability=0.5))
+    return normalise(crop, data, mirror=fn.random.coin_flip(probability=0.5))
 
 
 def val_graph(images, data):
@@ -61,7 +47,7 @@ def val_graph(images, data):
         interp_type=INTERP[_opt(data, "interp", "linear")],
         antialias=True,
     )
-    return _normalise(resized, data, crop=(data.image_size, data.image_size))
+    return normalise(resized, data, crop=(data.image_size, data.image_size))
 
 
 @pipeline_def(enable_checkpointing=True)

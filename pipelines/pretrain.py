@@ -190,13 +190,21 @@ def augment_view(img, view: ViewConfig, data: DataConfig):
         crop = jitter_and_grayscale(crop, view)
     crop = _maybe(view.blur_p, _blur(view), crop)
     crop = _maybe(view.solarize_p, _solarize(view), crop)
+    return normalise(crop, data, mirror=flip)
+
+
+def normalise(images, data, mirror=0, crop=None):
+    """uint8 HWC -> float32 HWC, optionally mirrored and center-cropped to ``crop`` (h, w), normalised
+    by ``data.mean``/``data.std`` given on [0, 1] pixels: the last op of every pipeline here."""
+    extra = {} if crop is None else dict(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5)
     return fn.crop_mirror_normalize(
-        crop,
-        mirror=flip,
+        images,
+        mirror=mirror,
         mean=[255.0 * m for m in data.mean],
         std=[255.0 * s for s in data.std],
         dtype=types.FLOAT,
         output_layout="HWC",
+        **extra,
     )
 
 
