@@ -13,6 +13,7 @@ steps per epoch, per-GPU batch) are computed by functions elsewhere and never wr
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -142,6 +143,10 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Numbers such as 5e-4 or 1E6, which PyYAML (YAML 1.1) leaves as strings for want of a dot.
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it in that type."""
     origin = typing.get_origin(tp)
@@ -165,6 +170,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # 5e-4: YAML 1.1 reads exponents without a dot as strings
     elif tp is str:
         if isinstance(value, str):
             return value

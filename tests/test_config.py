@@ -37,6 +37,16 @@ def test_overrides_win_and_are_typed(tmp_path):
     assert cfg.data.view2.blur_p == 0.5 and cfg.data.view2.solarize_p == 0.2
 
 
+def test_exponents_without_a_dot_are_floats(tmp_path):
+    # PyYAML reads 5e-4 as a string (YAML 1.1 wants 5.0e-4); users type it either way.
+    f = tmp_path / "c.yaml"
+    f.write_text("optim: {weight_decay: 1.5e-6}\n")
+    cfg = load_config(f, ["--optim.lr=2E1", "--ema.tau_base=+9.9e-1"])
+    assert (cfg.optim.weight_decay, cfg.optim.lr, cfg.ema.tau_base) == (1.5 / 10**6, 20.0, 0.99)
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_config(None, ["--optim.lr=e5"])
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["--optim.learning_rate=1"], "optim.learning_rate"),
     (["--nonsense=1"], "nonsense"),
