@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
+
+from pipelines.loader import steps_per_epoch as training_steps
 
 from . import checkpoint as ckpt
 from . import dist
@@ -51,9 +52,8 @@ from .metrics import Throughput, Writer
 from .model import build_encoder
 from .monitors import topk_correct
 from .schedules import lr_at, scaled_lr
-from .train import resolve_device
+from .train import PREEMPTED_EXIT, decode_device, resolve_device, stop_on_signals
 
-PREEMPTED_EXIT = 75  # as pretraining: stopped on a signal; run the same command again
 RESULTS = "results.json"
 
 
@@ -159,7 +159,7 @@ class FolderLoader:
     @property
     def steps_per_epoch(self) -> int:
         if self.train:
-            return len(self.files) // (self.batch * self.world)
+            return training_steps(len(self.files), self.batch, self.world)
         return math.ceil(len(range(self.rank, len(self.files), self.world)) / self.batch)
 
     def set_epoch(self, epoch: int) -> None:
@@ -219,7 +219,7 @@ def eval_loader(index, train: bool, data: LinearDataConfig, batch: int, info: di
         return FolderLoader(index.files, index.labels, train, data, batch, info.rank, info.world_size, seed)
     from pipelines.linear_eval import DaliLinearLoader
 
-    where = ("gpu" if device.type == "cuda" else "cpu") if data.decode == "auto" else data.decode
+    where = decode_device(data, device)
     if where == "gpu" and device.type != "cuda":
         raise ConfigError("data.decode: 'gpu' needs a CUDA GPU")
     return DaliLinearLoader(index.files, index.labels, train, data, batch, where, info.rank, info.world_size,
@@ -329,8 +329,8 @@ class LinearEval:
         plain = eval_loader(self.train_index, False, data, self.batch, info, self.device, cfg.seed)
         self.train_feats = loader_features(self.encoder, plain, self.device, self.amp_dtype)
         self.val_feats = loader_features(self.encoder, self.val_loader, self.device, self.amp_dtype)
-        # Every rank takes the same number of steps: size them on the smallest shard.
-        self.steps_per_epoch = (len(self.train_index) // info.world_size) // self.batch
+        # Every rank takes the same number of steps: whole global batches, as the image loaders.
+        self.steps_per_epoch = training_steps(len(self.train_index), self.batch, info.world_size)
         self.log(f"cached features of {len(self.train_index)} train and {len(self.val_index)} val images "
                  f"in {time.perf_counter() - start:.1f} s")
 
@@ -402,10 +402,6 @@ class LinearEval:
 
     # ------------------------------------------------------------------ the loop
 
-    def _on_signal(self, signum, frame) -> None:
-        self.log(f"received signal {signum}: stopping; the interrupted epoch repeats on resume")
-        self.stop_requested = True
-
     def _read_and_agree(self, loss: torch.Tensor) -> tuple[float, bool]:
         """(mean loss over the ranks, whether any rank was asked to stop): one all-reduce and one
         host sync. All ranks stop at the same step, or DDP's collectives would deadlock."""
@@ -417,8 +413,7 @@ class LinearEval:
 
     def fit(self) -> int:
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        stop_on_signals(self, "stopping; the interrupted epoch repeats on resume")
         self.log(f"{self.backbone} ({cfg.init}) -> linear {self.width} x {self.num_classes}; "
                  f"{len(self.train_index)} train / {len(self.val_index)} val images; {self.steps_per_epoch} "
                  f"steps/epoch x {cfg.epochs} epochs; batch {cfg.batch_size}; peak lr {self.peak_lr:g}; "

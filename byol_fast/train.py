@@ -53,8 +53,22 @@ def micro_batch_size(cfg: Config, world_size: int) -> int:
     return cfg.optim.batch_size // parts
 
 
-def decode_device(cfg: Config, device: torch.device) -> str:
-    return ("gpu" if device.type == "cuda" else "cpu") if cfg.data.decode == "auto" else cfg.data.decode
+def decode_device(data, device: torch.device) -> str:
+    """Where DALI decodes for the data section ``data`` (pretraining's or linear evaluation's):
+    ``data.decode``, with auto = gpu on a CUDA device, else cpu."""
+    return ("gpu" if device.type == "cuda" else "cpu") if data.decode == "auto" else data.decode
+
+
+def stop_on_signals(run, then: str) -> None:
+    """SIGTERM and SIGUSR1 (preemption) set ``run.stop_requested`` and log ``received signal N: <then>``;
+    the loop reads the flag where the ranks agree, stops and returns PREEMPTED_EXIT."""
+
+    def on_signal(signum, frame) -> None:
+        run.log(f"received signal {signum}: {then}")
+        run.stop_requested = True
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, on_signal)
 
 
 # ---------------------------------------------------------------------------- data
@@ -102,7 +116,7 @@ def build_loader(cfg: Config, index, info: dist.DistInfo, device: torch.device, 
                                         info.world_size, cfg.seed, labels)
     from pipelines.loader import DaliTwoViewLoader
 
-    where = decode_device(cfg, device)
+    where = decode_device(cfg.data, device)
     if where == "gpu" and device.type != "cuda":
         raise ConfigError("data.decode: 'gpu' needs training on a CUDA GPU")
     return DaliTwoViewLoader(files, cfg.data, batch, where, info.rank, info.world_size, info.local_rank,
@@ -218,10 +232,6 @@ class Run:
 
     # ------------------------------------------------------------------ the loop
 
-    def _on_signal(self, signum, frame) -> None:
-        self.log(f"received signal {signum}: finishing the step, then saving")
-        self.stop_requested = True
-
     def _agree(self, want_save: bool) -> tuple[bool, bool]:
         """All ranks agree on (stop, save) at the same step, or collectives would deadlock."""
         flags = torch.tensor([float(self.stop_requested), float(want_save)], device=self.device)
@@ -232,8 +242,7 @@ class Run:
 
     def fit(self) -> int:
         cfg = self.cfg
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        stop_on_signals(self, "finishing the step, then saving")
         last_step = self.total_steps if not cfg.max_steps else min(self.total_steps, cfg.max_steps)
         self.log(f"{self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs = {self.total_steps} steps; "
                  f"global batch {cfg.optim.batch_size} ({self.batch}/process x {self.info.world_size} "
