@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from .constants import IMAGENET_MEAN, IMAGENET_STD
+
 
 class ConfigError(ValueError):
     """A bad configuration file, key or value; the message names which."""
@@ -59,8 +61,8 @@ class DataConfig:
     interp: str = "cubic"  # resize filter of the random resized crop: cubic | linear
     view1: ViewConfig = field(default_factory=ViewConfig)
     view2: ViewConfig = field(default_factory=lambda: ViewConfig(**VIEW2_DEFAULTS))
-    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)  # ImageNet, on [0, 1] pixels
-    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # on [0, 1] pixels
+    std: tuple[float, float, float] = IMAGENET_STD
     loader: str = "dali"  # dali | torchvision (the PIL reference loader)
     decode: str = "auto"  # where DALI decodes and augments: auto (gpu when training on CUDA) | cpu | gpu
     num_threads: int = 4  # DALI CPU threads (or DataLoader workers for the torchvision loader)

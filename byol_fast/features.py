@@ -28,10 +28,9 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, load
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .model import BACKBONES, build_encoder
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 LINEAR_KIND = "byol_fast.linear_eval"  # the 'kind' entry of a linear-evaluation checkpoint
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")  # torchvision's classifier: not part of the encoder
 

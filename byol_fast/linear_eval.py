@@ -45,8 +45,9 @@ from . import checkpoint as ckpt
 from . import dist
 from .config import ConfigError, load_config, parse_overrides, to_dict, to_yaml
 from .data import DatasetError, checked_index
-from .features import (IMAGENET_MEAN, IMAGENET_STD, LINEAR_KIND, EncoderWeights, build_frozen_encoder,
-                       freeze, loader_features, read_encoder_weights)
+from .constants import IMAGENET_MEAN, IMAGENET_STD
+from .features import (LINEAR_KIND, EncoderWeights, build_frozen_encoder, freeze, loader_features,
+                       read_encoder_weights)
 from .learner import resolve_precision
 from .metrics import Throughput, Writer
 from .model import build_encoder

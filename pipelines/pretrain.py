@@ -40,8 +40,8 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline, do_not_convert
 
 from byol_fast.config import DataConfig, ViewConfig
+from byol_fast.constants import LUMA
 
-LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, the weights of PIL's convert("L") and torchvision's rgb_to_grayscale
 INTERP = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}
 
 # ImageNet holds images up to about 6000 x 6000: size the nvJPEG buffers once so that the decoder
