@@ -39,13 +39,12 @@ CLASSIFIER_KEYS = ("fc.weight", "fc.bias")  # torchvision's classifier: not part
 class EncoderWeights:
     """An encoder's weights as read from a file, before building the network.
 
-    state: torchvision key layout, no ``fc.*``; backbone: e.g. ``"resnet50"``; kind: which kind of
-    file ("pretrain", "linear_eval", "state_dict"); mean/std: the input normalisation it was trained with.
+    state: torchvision key layout, no ``fc.*``; backbone: e.g. ``"resnet50"``; mean/std: the input
+    normalisation it was trained with.
     """
 
     state: dict[str, torch.Tensor]
     backbone: str
-    kind: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -67,13 +66,13 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
         state = {k[len(prefix):]: v for k, v in obj[which].items() if k.startswith(prefix)}
         cfg = obj["config"]
         data = cfg.get("data", {})
-        weights = EncoderWeights(state, cfg["model"]["backbone"], "pretrain",
-                                 tuple(data.get("mean", IMAGENET_MEAN)), tuple(data.get("std", IMAGENET_STD)))
+        weights = EncoderWeights(state, cfg["model"]["backbone"], tuple(data.get("mean", IMAGENET_MEAN)),
+                                 tuple(data.get("std", IMAGENET_STD)))
     elif obj.get("kind") == LINEAR_KIND:
-        weights = EncoderWeights(obj["encoder"], obj["backbone"], "linear_eval", tuple(obj["mean"]), tuple(obj["std"]))
+        weights = EncoderWeights(obj["encoder"], obj["backbone"], tuple(obj["mean"]), tuple(obj["std"]))
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # a bare state_dict
         state = {k: v for k, v in obj.items() if k not in CLASSIFIER_KEYS}
-        weights = EncoderWeights(state, backbone or infer_backbone(state, path), "state_dict")
+        weights = EncoderWeights(state, backbone or infer_backbone(state, path))
     else:
         raise CheckpointError(f"{path}: not a byol_fast checkpoint, linear-eval checkpoint or ResNet state_dict "
                               f"(top-level keys: {', '.join(sorted(map(str, obj))[:8])})")
