@@ -69,11 +69,14 @@ class LinearDataConfig:
     image_size: int = 224  # crop side, training and validation
     resize: int = 256  # validation: shorter side resized to this, then a center crop of image_size
     crop_area: tuple[float, float] = (0.08, 1.0)  # training random resized crop, fraction of the area
+    interp: str = "linear"  # resize filter of crop and validation resize: linear (torchvision's default) | cubic
     mean: tuple[float, float, float] = IMAGENET_MEAN  # on [0, 1] pixels; the encoder's, as pretraining
     std: tuple[float, float, float] = IMAGENET_STD
     loader: str = "dali"  # dali | torchvision (PIL + torchvision transforms)
     decode: str = "auto"  # where DALI decodes: auto (gpu when running on CUDA) | cpu | gpu
     num_threads: int = 4  # DALI CPU threads, or DataLoader workers for the torchvision loader
+    prefetch: int = 2  # batches DALI prepares ahead
+    hw_decoder_load: float = 0.65  # share of JPEG decoding sent to the hardware decoder (A100/H100)
 
 
 @dataclass(frozen=True)
@@ -188,10 +191,13 @@ def folder_transform(data: LinearDataConfig, train: bool):
     """torchvision transforms of the protocol: PIL image -> normalised float tensor (3, S, S)."""
     from torchvision import transforms as T
 
+    from pipelines.reference import INTERP
+
     if train:
-        geometry = [T.RandomResizedCrop(data.image_size, scale=data.crop_area), T.RandomHorizontalFlip()]
+        geometry = [T.RandomResizedCrop(data.image_size, scale=data.crop_area, interpolation=INTERP[data.interp]),
+                    T.RandomHorizontalFlip()]
     else:
-        geometry = [T.Resize(data.resize), T.CenterCrop(data.image_size)]
+        geometry = [T.Resize(data.resize, interpolation=INTERP[data.interp]), T.CenterCrop(data.image_size)]
     return T.Compose(geometry + [T.ToTensor(), T.Normalize(data.mean, data.std)])
 
 

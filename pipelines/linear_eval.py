@@ -5,9 +5,8 @@ val: shorter side resized to ``resize`` (256), center crop ``image_size`` (224).
 ``mean``/``std`` (on [0, 1] pixels), float32, HWC in DALI and (N, 3, H, W) channels_last views in torch.
 Same ``device`` switch as pretraining: "cpu" (everything on the CPU) or "gpu" (nvJPEG + GPU ops).
 
-The data config is duck-typed: byol_fast's LinearDataConfig or DataConfig. Fields read: image_size,
-resize (default 256), crop_area (default (0.08, 1)), mean, std, num_threads, and optionally interp
-(default "linear", torchvision's default for both transforms), prefetch (2), hw_decoder_load (0.65).
+The data config is byol_fast.linear_eval's LinearDataConfig. Fields read: image_size, resize,
+crop_area, interp, mean, std, num_threads, prefetch, hw_decoder_load.
 """
 from __future__ import annotations
 
@@ -22,18 +21,14 @@ from pipelines.pretrain import INTERP, decode, normalise
 ASPECT = (3 / 4, 4 / 3)
 
 
-def _opt(data, name: str, default):
-    return getattr(data, name, default)
-
-
 def train_graph(images, data):
     """Decoded uint8 HWC -> float32 HWC (image_size, image_size, 3): random resized crop + flip."""
     crop = fn.random_resized_crop(
         images,
         size=(data.image_size, data.image_size),
-        random_area=_opt(data, "crop_area", (0.08, 1.0)),
+        random_area=data.crop_area,
         random_aspect_ratio=ASPECT,
-        interp_type=INTERP[_opt(data, "interp", "linear")],
+        interp_type=INTERP[data.interp],
         antialias=True,
     )
     return normalise(crop, data, mirror=fn.random.coin_flip(probability=0.5))
@@ -43,8 +38,8 @@ def val_graph(images, data):
     """Decoded uint8 HWC -> float32 HWC (image_size, image_size, 3): resize shorter side, center crop."""
     resized = fn.resize(
         images,
-        resize_shorter=_opt(data, "resize", 256),
-        interp_type=INTERP[_opt(data, "interp", "linear")],
+        resize_shorter=data.resize,
+        interp_type=INTERP[data.interp],
         antialias=True,
     )
     return normalise(resized, data, crop=(data.image_size, data.image_size))
@@ -65,16 +60,9 @@ def _linear_pipeline(files, labels, data, train: bool, device: str, shard_id: in
         pad_last_batch=not train,
         name="Reader",
     )
-    images = decode(jpegs, _DecodeView(data), device)
+    images = decode(jpegs, data, device)
     out = train_graph(images, data) if train else val_graph(images, data)
     return out, label
-
-
-class _DecodeView:
-    """The decoder's view of a data config: hw_decoder_load with a default."""
-
-    def __init__(self, data):
-        self.hw_decoder_load = _opt(data, "hw_decoder_load", 0.65)
 
 
 def shard_size(num_files: int, shard_id: int, num_shards: int) -> int:
@@ -111,7 +99,7 @@ class DaliLinearLoader:
             files=files, labels=labels, data=data, train=train, device=device, shard_id=rank,
             num_shards=world_size, reader_seed=seed, batch_size=batch_size,
             num_threads=max(1, data.num_threads), device_id=local_rank if device == "gpu" else None,
-            seed=seed + rank, prefetch_queue_depth=_opt(data, "prefetch", 2),
+            seed=seed + rank, prefetch_queue_depth=data.prefetch,
         )
         self._pipe.build()
 

@@ -15,6 +15,7 @@ import torch
 import torchvision.transforms.functional as TF
 
 from byol_fast.config import DataConfig, ViewConfig
+from byol_fast.linear_eval import LinearDataConfig
 from conftest import IDENTITY, save, smooth_texture
 from pipelines import pretrain
 from pipelines.linear_eval import DaliLinearLoader, shard_size
@@ -284,7 +285,7 @@ def test_colour_matrices_compose_the_ops_in_the_drawn_order_like_torchvision():
 
 def test_linear_eval_val_covers_every_file_once_and_every_rank_runs_the_same_steps(images):
     files, labels = images["greys"][:5], list(range(5))
-    data = data_config()
+    data = LinearDataConfig(image_size=S, num_threads=2)
     seen, steps = [], set()
     for rank in range(2):
         loader = DaliLinearLoader(files, labels, False, data, 2, "cpu", rank, 2, 0, 0, torch.device("cpu"))
@@ -302,8 +303,8 @@ def test_linear_eval_val_covers_every_file_once_and_every_rank_runs_the_same_ste
 
 
 def test_linear_eval_train_yields_full_normalised_batches(images):
-    loader = DaliLinearLoader(images["jpegs"], list(range(16)), True, data_config(), 4, "cpu", 0, 1, 0, 0,
-                              torch.device("cpu"))
+    loader = DaliLinearLoader(images["jpegs"], list(range(16)), True, LinearDataConfig(image_size=S, num_threads=2),
+                              4, "cpu", 0, 1, 0, 0, torch.device("cpu"))
     batches = list(loader)
     assert len(batches) == 4
     labels = sorted(int(y) for _, ys in batches for y in ys)
