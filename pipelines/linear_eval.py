@@ -15,7 +15,7 @@ import math
 import torch
 from nvidia.dali import fn, pipeline_def
 
-from pipelines.loader import DEVICES, epoch_files, steps_per_epoch, to_torch
+from pipelines.loader import DEVICES, epoch_order, steps_per_epoch, to_torch
 from pipelines.pretrain import INTERP, decode, normalise
 
 ASPECT = (3 / 4, 4 / 3)
@@ -52,7 +52,7 @@ def _linear_pipeline(files, labels, data, train: bool, device: str, shard_id: in
         labels=list(labels),
         shard_id=shard_id,
         num_shards=num_shards,
-        shuffle_after_epoch=train,  # train: files from loader.epoch_files, a partition every epoch
+        shuffle_after_epoch=train,  # train: files in loader.epoch_order, a partition every epoch
         seed=reader_seed,
         # val: a fixed shard per rank, padded by repeating its last file to a whole number of batches,
         # the same number on every rank (the loader drops the padding).
@@ -74,7 +74,7 @@ class DaliLinearLoader:
     """Yields (images float32 (N, 3, S, S) channels_last, labels int64 (N,)) of this rank's shard.
 
     train=True: ``len(files) // (batch_size * world_size)`` full batches per epoch on every rank,
-    each epoch a partition of the kept files over the ranks (``loader.epoch_files``), reshuffled.
+    each epoch a partition of the kept files over the ranks (``loader.epoch_order``), reshuffled.
     train=False: every file of the rank's shard exactly once per iteration, in order; all ranks run
     ``ceil(ceil(N / world) / batch)`` steps (DALI pads each shard to ceil(N / world) files), so the last
     batch of a rank can be short or even empty, and the shards together cover each file exactly once.
@@ -90,8 +90,8 @@ class DaliLinearLoader:
         self.torch_device = torch.device(torch_device)
         if train:
             self.steps_per_epoch = steps_per_epoch(len(files), batch_size, world_size)
-            pairs = epoch_files(list(zip(files, labels)), batch_size, world_size, seed)
-            files, labels = [f for f, _ in pairs], [y for _, y in pairs]
+            order = epoch_order(len(files), batch_size, world_size, seed)
+            files, labels = [files[i] for i in order], [labels[i] for i in order]
         else:
             self.num_samples = shard_size(len(files), rank, world_size)  # real files of this rank
             self.steps_per_epoch = math.ceil(math.ceil(len(files) / world_size) / batch_size)

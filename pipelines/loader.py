@@ -1,9 +1,9 @@
 """The two-view DALI pipeline as an iterable of torch tensors, one epoch per ``iter()``.
 
 Every rank runs the same number of steps per epoch, ``len(files) // (batch_size * world_size)``, so
-that collectives (DDP, SyncBatchNorm) never wait on a rank that has stopped. The reader walks
-:func:`epoch_files` (cut to whole batches on every shard), so a DALI reader epoch is exactly one
-training epoch: each epoch the ranks' shards partition the kept files.
+that collectives (DDP, SyncBatchNorm) never wait on a rank that has stopped. The reader walks the
+files in :func:`epoch_order` (cut to whole batches on every shard), so a DALI reader epoch is exactly
+one training epoch: each epoch the ranks' shards partition the kept files.
 
 DALI's outputs reach torch without a copy (DLPack; DALI's dynamic executor keeps an output's memory
 alive while a torch tensor refers to it) and as ``(N, 3, H, W)`` views of NHWC memory, i.e. torch's
@@ -30,18 +30,18 @@ def steps_per_epoch(num_files: int, batch_size: int, world_size: int) -> int:
     return steps
 
 
-def epoch_files(files: list[str], batch_size: int, world_size: int, seed: int) -> list[str]:
-    """The files the reader walks: ``files`` in a seeded random order (the same on every rank), cut to
-    ``steps_per_epoch x batch_size x world_size`` so every shard holds exactly one epoch of batches.
+def epoch_order(num_files: int, batch_size: int, world_size: int, seed: int) -> list[int]:
+    """Indices of the files the reader walks: a seeded random order of ``num_files`` (the same on every
+    rank), cut to ``steps_per_epoch x batch_size x world_size`` so every shard holds exactly one epoch
+    of batches. Index the files, and their labels, with it.
 
     With this list and ``shuffle_after_epoch`` DALI's reader epoch is the training epoch: each epoch
     the ranks' shards partition the kept files (no file twice, none missed), and the list is
     reshuffled (the same way on every rank) between epochs. The files cut (fewer than one global
     batch, e.g. at most 4,095 of ImageNet's 1.28M at batch 4096) are the same in every epoch.
     """
-    keep = steps_per_epoch(len(files), batch_size, world_size) * batch_size * world_size
-    order = np.random.default_rng(seed).permutation(len(files))[:keep]
-    return [files[i] for i in order]
+    keep = steps_per_epoch(num_files, batch_size, world_size) * batch_size * world_size
+    return np.random.default_rng(seed).permutation(num_files)[:keep].tolist()
 
 
 def to_torch(batch) -> torch.Tensor:
@@ -63,8 +63,9 @@ class DaliTwoViewLoader:
     (triples (view1, view2, labels int64 (N,)) when ``labels`` are given, for the online probe).
 
     batch_size is per rank. device: "cpu" (DALI on the CPU, no GPU needed) or "gpu" (nvJPEG + GPU ops
-    on cuda:local_rank). The reader is sharded by global rank over :func:`epoch_files` (each epoch a
-partition of the files over the ranks, reshuffled between epochs); the augmentation seed is seed + rank.
+    on cuda:local_rank). The reader is sharded by global rank over the files in :func:`epoch_order`
+    (each epoch a partition of the files over the ranks, reshuffled between epochs); the augmentation
+    seed is seed + rank.
     Tensors land on ``torch_device`` (moved there only when DALI produced them elsewhere).
 
     ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly: the DALI checkpoint holds the
@@ -87,11 +88,10 @@ partition of the files over the ranks, reshuffled between epochs); the augmentat
     ):
         if device not in DEVICES:
             raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        # The same list on every rank; labels (for the online probe) travel with their files.
-        pairs = epoch_files(list(zip(files, labels if labels is not None else [None] * len(files))),
-                            batch_size, world_size, seed)
-        self.files = [f for f, _ in pairs]
-        self.labels = None if labels is None else [y for _, y in pairs]
+        # The same list on every rank; labels (for the online probe) take the order of their files.
+        order = epoch_order(len(files), batch_size, world_size, seed)
+        self.files = [files[i] for i in order]
+        self.labels = None if labels is None else [labels[i] for i in order]
         self.reader_seed = seed
         self.data = data
         self.batch_size = batch_size

@@ -228,7 +228,7 @@ def two_view_graph(jpegs, data: DataConfig, device: str):
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
 def _pretrain_pipeline(files, data: DataConfig, device: str, shard_id: int, num_shards: int, reader_seed: int,
                        labels=None):
-    # ``files`` come from pipelines.loader.epoch_files: shuffled and cut to whole batches on every
+    # ``files`` are in pipelines.loader.epoch_order: shuffled and cut to whole batches on every
     # shard. shuffle_after_epoch reshuffles the whole list between epochs, identically on every
     # shard, so each epoch the shards partition it (random_shuffle would only mix a buffer of
     # initial_fill samples inside a shard, and shard edges drift across epochs).

@@ -138,6 +138,17 @@ def test_every_epoch_partitions_the_files_over_the_ranks(images, world):
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled between epochs (order, and shards)
 
 
+def test_probe_labels_stay_with_their_files(images):
+    """Labels (for the online probe) follow their files through the shuffled, cut epoch order."""
+    loader = DaliTwoViewLoader(images["greys"], data_config(), 3, "cpu", 0, 1, 0, 5, torch.device("cpu"),
+                               labels=list(range(16)))
+    for _ in range(2):
+        for view1, view2, labels in loader:
+            assert labels.dtype == torch.int64
+            assert file_ids(view1.permute(0, 2, 3, 1).numpy()) == labels.tolist()
+            assert file_ids(view2.permute(0, 2, 3, 1).numpy()) == labels.tolist()
+
+
 def test_state_dict_resumes_mid_epoch_exactly(images):
     data = DataConfig(image_size=S, num_threads=2)
     make = lambda: DaliTwoViewLoader(images["jpegs"], data, 4, "cpu", 0, 1, 0, 7, torch.device("cpu"))  # noqa: E731
