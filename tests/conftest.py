@@ -1,3 +1,4 @@
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -32,8 +33,26 @@ def write_noise_jpegs(root: Path, count: int = 16, seed: int = 0) -> Path:
     return root
 
 
+from byol_fast.config import ModelConfig, ViewConfig  # noqa: E402
+
+# The small network of the CPU tests, as a ModelConfig and as command-line overrides.
+SMALL = ModelConfig(backbone="resnet18", projector_hidden=32, projector_out=16, predictor_hidden=32)
+TINY_MODEL = [f"--model.{k}={v}" for k, v in dataclasses.asdict(SMALL).items()]
+# A pretraining run of it that takes seconds on the CPU: 32-pixel views, small blur windows, every step logged.
+TINY_RUN = TINY_MODEL + ["--data.image_size=32", "--data.num_threads=1", "--data.view1.blur_kernel=3",
+                         "--data.view2.blur_kernel=3", "--log_every=1"]
+# Environment of a byol_fast child process (python -m byol_fast.train, torchrun): one thread, this checkout.
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def ddp_env(rank: int, world: int, port: int) -> None:
+    """The variables torchrun sets, for a worker started by torch.multiprocessing.spawn on this host
+    (gloo on the CPU): call it first thing in the worker, before byol_fast.dist.setup."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+
+
 # Shared by the pipeline and augmentation-statistics tests.
-from byol_fast.config import ViewConfig  # noqa: E402
 
 IDENTITY = ViewConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                       blur_p=0.0, solarize_p=0.0)  # a view that returns the (normalised) image unchanged

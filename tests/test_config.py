@@ -2,8 +2,7 @@
 import pytest
 
 from byol_fast.config import ConfigError, load_config
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def test_defaults_are_the_paper_recipe():

@@ -7,11 +7,11 @@ import torchvision
 
 from byol_fast import export
 from byol_fast.checkpoint import CheckpointError
-from byol_fast.config import ModelConfig, to_dict, Config
+from byol_fast.config import to_dict, Config
 from byol_fast.features import infer_backbone, load_encoder, load_feature_extractor, read_encoder_weights
 from byol_fast.model import BYOL
+from conftest import SMALL
 
-SMALL = ModelConfig(backbone="resnet18", projector_hidden=32, projector_out=16, predictor_hidden=32)
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 

@@ -6,9 +6,9 @@ import torch
 from byol_fast.config import load_config
 from byol_fast.dist import DistInfo
 from byol_fast.learner import Learner
+from conftest import TINY_MODEL
 
-TINY = ["--model.backbone=resnet18", "--model.projector_hidden=32", "--model.projector_out=16",
-        "--model.predictor_hidden=32", "--channels_last=false"]
+TINY = TINY_MODEL + ["--channels_last=false"]
 
 
 def make():

@@ -2,20 +2,18 @@
 import json
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from byol_fast import linear_eval
-from byol_fast.config import Config, ModelConfig, load_config, to_dict
+from byol_fast.config import Config, load_config, to_dict
 from byol_fast.features import load_feature_extractor
 from byol_fast.model import BYOL
 from byol_fast.schedules import scaled_lr
+from conftest import ROOT, SMALL, ddp_env
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ModelConfig(backbone="resnet18", projector_hidden=32, projector_out=16, predictor_hidden=32)
 FAST = ["--data.image_size=32", "--data.resize=36", "--data.num_threads=0", "--data.loader=torchvision",
         "--batch_size=8", "--log_every=1"]
 
@@ -149,8 +147,7 @@ def test_two_processes_count_every_val_image_once(data_root, pretrain_ckpt, tmp_
 
 
 def _ddp_worker(rank, ckpt, data, out):
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(29400 + os.getppid() % 500))
+    ddp_env(rank, 2, 29400 + os.getppid() % 500)
     code = linear_eval.main(["--checkpoint", ckpt, "--data", data, f"--out_dir={out}", *FAST, "--epochs=1",
                              "--device=cpu", "--features=cached"])
     assert code == 0

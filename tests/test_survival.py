@@ -9,17 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_noise_jpegs
+from conftest import CHILD_ENV, ROOT, TINY_RUN, ddp_env, write_noise_jpegs
 
 from byol_fast import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model.backbone=resnet18", "--model.projector_hidden=32", "--model.projector_out=16",
-        "--model.predictor_hidden=32", "--data.image_size=32", "--data.num_threads=1",
-        "--data.view1.blur_kernel=3", "--data.view2.blur_kernel=3", "--log_every=1"]
 # 16 images, global batch 8: 2 steps per epoch, 4 epochs = 8 steps, a checkpoint at every epoch end.
-RUN = TINY + ["--optim.batch_size=8", "--epochs=4", "--optim.warmup_epochs=1"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+RUN = TINY_RUN + ["--optim.batch_size=8", "--epochs=4", "--optim.warmup_epochs=1"]
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +51,11 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, tmp_path):
     straight = tmp_path / "straight"
-    res = subprocess.run(train_cmd(images, straight), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(train_cmd(images, straight), env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(images, killed), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(images, killed), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     printed = kill_when(proc, "step 5/8")  # mid-epoch 3: the checkpoint of step 4 is the last complete one
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -69,7 +64,7 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
     torn = killed / ".last.pt.99999.tmp"
     torn.write_bytes(b"PK\x03\x04 half a checkpoint")
 
-    res = subprocess.run(train_cmd(images, killed), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(train_cmd(images, killed), env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "at step 4" in res.stdout and not torn.exists()
     a, b = weights(straight / "last.pt"), weights(killed / "last.pt")
@@ -81,14 +76,14 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path, sig):
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(train_cmd(images, out), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(images, out), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     printed = kill_when(proc, "step 3/8", sig=sig)  # mid-epoch: no checkpoint due at this step
     printed += proc.stdout.read()
     assert proc.wait(timeout=120) == 75, printed[-3000:]
     stopped = torch.load(out / "last.pt", weights_only=False)["step"]
     assert stopped >= 3 and f"stopped at step {stopped}" in printed
-    res = subprocess.run(train_cmd(images, out), env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(train_cmd(images, out), env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and f"at step {stopped}" in res.stdout, res.stdout[-3000:]
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
 
@@ -96,7 +91,7 @@ def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path
 def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):
     out = tmp_path / "elastic"
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1"]
-    proc = subprocess.Popen(train_cmd(images, out, launcher), env=ENV, cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(images, out, launcher), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
     def pid_of(line):
@@ -115,8 +110,8 @@ def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):
 def _config(accumulate: int):
     from byol_fast.config import load_config
 
-    return load_config(None, TINY + [f"--optim.batch_size={GLOBAL}", f"--optim.accumulate={accumulate}",
-                                     "--device=cpu"])
+    return load_config(None, TINY_RUN + [f"--optim.batch_size={GLOBAL}", f"--optim.accumulate={accumulate}",
+                                         "--device=cpu"])
 
 
 LR = 1.0  # LARS moves each weight by ~lr * eta = 1e-3 of its norm: well above float32 rounding
@@ -136,8 +131,7 @@ def _learner_state(learner) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, out: str):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    ddp_env(rank, world, port)
     torch.set_num_threads(1)
     from byol_fast import dist
     from byol_fast.learner import Learner
@@ -195,7 +189,7 @@ def test_n_processes_equal_one_process_with_n_accumulation_steps(world, tmp_path
 
 def test_each_mistake_stops_with_one_line_naming_it(images, tmp_path, capsys):
     def error(*args) -> str:
-        assert train.main(TINY + list(args)) == 2
+        assert train.main(TINY_RUN + list(args)) == 2
         err = capsys.readouterr().err.strip()
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and err.endswith(errors[0]), err  # one line, the last (progress may precede it)

@@ -11,11 +11,10 @@ import math
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 ALL_STAGES = ["dali", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear"]
 E2E_STAGES = ["e2e-dali", "e2e-torchvision", "e2e-linear"]

@@ -1,20 +1,15 @@
 """End to end on CPU: a tiny network pretrains a few steps, checkpoints, and resumes at the next step."""
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_noise_jpegs
+from conftest import CHILD_ENV, ROOT, TINY_RUN, write_noise_jpegs
 from PIL import Image
 
 from byol_fast import train
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--model.backbone=resnet18", "--model.projector_hidden=32", "--model.projector_out=16",
-        "--model.predictor_hidden=32", "--data.image_size=32", "--data.num_threads=1",
-        "--data.view1.blur_kernel=3", "--data.view2.blur_kernel=3", "--log_every=1", "--epochs=4"]
+TINY = TINY_RUN + ["--epochs=4"]
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +65,7 @@ def test_two_process_gloo_run(images, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "byol_fast.train", *TINY, f"--data.path={images}", f"--out_dir={out}",
            "--optim.batch_size=8", "--max_steps=2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
     assert "4/process x 2" in res.stdout
