@@ -73,7 +73,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet50"  # any torchvision ResNet: resnet18 ... resnet152
+    backbone: str = "resnet50"  # torchvision ResNet resnet18 ... resnet152, or tiny_resnet (the CPU demo)
     projector_hidden: int = 4096
     projector_out: int = 256
     predictor_hidden: int = 4096

@@ -44,6 +44,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .constants import LUMA
+
 
 class DatasetError(ValueError):
     """A dataset the index cannot use (missing, empty, wrong layout); the message names the folder."""
@@ -676,7 +678,7 @@ def _pattern(name: str, rng: np.random.Generator, x: np.ndarray, y: np.ndarray, 
 
 def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Random background/foreground RGB whose luminance differs, so grayscale keeps the pattern."""
-    luma = np.array([0.299, 0.587, 0.114])
+    luma = np.array(LUMA)
     while True:
         bg, fg = rng.random(3), rng.random(3)
         if abs((fg - bg) @ luma) >= 0.3:
@@ -722,13 +724,13 @@ def _demo_params(num_classes, train_per_class, val_per_class, size, seed) -> dic
 
 
 def make_demo_dataset(root: str | os.PathLike, num_classes: int = 8, train_per_class: int = 64,
-                      val_per_class: int = 16, size: int = 112, seed: int = 0) -> Path:
+                      val_per_class: int = 64, size: int = 112, seed: int = 0) -> Path:
     """Write a small synthetic ImageFolder dataset of real JPEGs; return its root.
 
     Layout: ``root/train/<class>/<class>_NNNN.JPEG``, ``root/val/<class>/...`` and
     ``root/demo.json`` (the parameters). Classes are texture families (DEMO_CLASSES, first
     ``num_classes``); images are ``size`` x ``size`` RGB, JPEG quality 90. Same seed, same bytes.
-    Defaults: 640 train + 128 val images, about 5 MB, a couple of seconds.
+    Defaults: 512 train + 512 val images, about 8 MB, a couple of seconds.
     Built in a temporary sibling folder and renamed into place, so ``root`` is complete or absent.
     """
     if not 1 <= num_classes <= len(DEMO_CLASSES):
@@ -784,7 +786,7 @@ def ensure_demo_dataset(root: str | os.PathLike, **params) -> Path:
     return root
 
 
-_DEMO_DEFAULTS = dict(num_classes=8, train_per_class=64, val_per_class=16, size=112, seed=0)
+_DEMO_DEFAULTS = dict(num_classes=8, train_per_class=64, val_per_class=64, size=112, seed=0)
 
 
 # ------------------------------------------------------------------------------ command line

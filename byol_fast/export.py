@@ -12,7 +12,8 @@ parameter names, batch-norm running statistics included, and nothing else, so th
 gives the pretrained network with a fresh classifier. It expects ImageNet-normalised input.
 ``--torchscript`` also writes ``encoder.torchscript.pt``: a self-contained TorchScript module that
 normalises RGB images in [0, 1] (or uint8) itself and returns pooled features (N, width); load it
-with ``torch.jit.load`` without byol_fast installed.
+with ``torch.jit.load`` without byol_fast installed. The demo's ``tiny_resnet`` is not a torchvision
+model: its state_dict (torchvision's names) loads through ``byol_fast.features.load_encoder``.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_save
 from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
+from .model import TINY
 
 
 def torchscript_path(out: str | Path) -> Path:
@@ -73,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
-          f"(load with strict=False; expects ImageNet-normalised input)")
+    if weights.backbone == TINY:
+        print(f"wrote {written[0]}: {TINY} state_dict (torchvision has no such model: load it with "
+              f"byol_fast.features.load_encoder; expects ImageNet-normalised input)")
+    else:
+        print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
+              f"(load with strict=False; expects ImageNet-normalised input)")
     for path in written[1:]:
         print(f"wrote {path}: TorchScript, RGB in [0, 1] or uint8 -> features")
     return 0

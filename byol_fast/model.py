@@ -10,22 +10,66 @@ import copy
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock
 
 from .config import ModelConfig
 from .loss import byol_loss
 
-BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# Not a torchvision model: the CPU demo's backbone (config/demo.yaml), see TinyResNet.
+TINY = "tiny_resnet"
+BACKBONES = (*TORCHVISION_BACKBONES, TINY)
+
+
+class TinyResNet(nn.Module):
+    """A ResNet small enough to pretrain with BYOL on two CPU cores in minutes (the demo).
+
+    torchvision's BasicBlock, one block per stage, widths 16-32-64-128 (0.3 M parameters), and a
+    3x3 stride-1 stem without max-pool, as used for 32 px images: torchvision's 7x7 stride-2
+    stem and max-pool shrink a 32 px image to 8x8 before the first block. Module names follow
+    torchvision's ResNet (conv1, bn1, layer1..layer4, fc), so its state_dict reads like one;
+    torchvision has no constructor for it, so it loads through byol_fast.features only.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        blocks, cin = [], widths[0]
+        for i, c in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            down = None
+            if stride != 1 or cin != c:
+                down = nn.Sequential(nn.Conv2d(cin, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+            blocks.append(nn.Sequential(BasicBlock(cin, c, stride, down)))
+            cin = c
+        self.layer1, self.layer2, self.layer3, self.layer4 = blocks
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Identity()
+        self.width = cin
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def build_encoder(name: str) -> tuple[nn.Module, int]:
-    """A randomly initialised torchvision ResNet without its classifier, and its feature width.
+    """A randomly initialised ResNet without its classifier, and its feature width.
 
     The classifier becomes ``nn.Identity`` (so ``fc`` holds no parameters) and the module keeps
-    torchvision's parameter names, which makes the exported state_dict load into
-    ``torchvision.models.<name>()`` with only ``fc.*`` missing.
+    torchvision's parameter names, which makes the exported state_dict of a torchvision backbone
+    load into ``torchvision.models.<name>()`` with only ``fc.*`` missing.
     """
     if name not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {name!r} (choose one of {', '.join(BACKBONES)})")
+    if name == TINY:
+        net = TinyResNet()
+        return net, net.width
     net = getattr(torchvision.models, name)(weights=None)
     width = net.fc.in_features
     net.fc = nn.Identity()

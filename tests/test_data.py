@@ -393,7 +393,7 @@ def test_demo_dataset_defaults_index_cleanly_in_parallel(tmp_path):
         assert img.size == (112, 112)
     reference = ImageFolder(str(root / "train"))
     assert reference.samples == list(zip(train.files, train.labels))
-    assert len(build_index(root / "val", workers=1, cache=False, progress=False)) == 8 * 16
+    assert len(build_index(root / "val", workers=1, cache=False, progress=False)) == 8 * 64
 
 
 def _spectrum_features(path: str, angles: int = 8, radii: int = 6) -> np.ndarray:

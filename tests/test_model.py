@@ -20,6 +20,21 @@ def test_encoder_is_torchvision_resnet_without_fc():
     assert sorted(missing) == ["fc.bias", "fc.weight"] and not unexpected
 
 
+def test_tiny_resnet_is_torchvision_resnet18_cut_to_one_block_per_stage():
+    """The demo backbone: torchvision's names (resnet18's first block of each stage), widths 16-128,
+    a 3x3 stride-1 stem, and every stride-2 stage halving a 32 px input down to 4x4 before pooling."""
+    enc, width = build_encoder("tiny_resnet")
+    ref = torchvision.models.resnet18().state_dict()
+    expected = {k for k in ref if not k.startswith("fc.") and not any(f"layer{i}.1." in k for i in range(1, 5))}
+    assert set(enc.state_dict()) == expected
+    state = enc.state_dict()
+    assert width == 128 and state["conv1.weight"].shape == (16, 3, 3, 3)
+    assert [state[f"layer{i}.0.conv2.weight"].shape[0] for i in range(1, 5)] == [16, 32, 64, 128]
+    sizes = []
+    enc.layer4.register_forward_hook(lambda m, i, o: sizes.append(o.shape[-2:]))
+    assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 128) and sizes == [(4, 4)]
+
+
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="resnet9"):
         build_encoder("resnet9")
