@@ -43,7 +43,8 @@ test-gpu: install
 demo-data: install
 	$(PY) -m byol_fast.data demo $(DEMO)
 
-# With no DATA and the demo config, the demo dataset is made first if it is missing.
+# With no DATA and the demo config, the demo dataset is made first if it is missing (a folder made by
+# another version of the generator stops here with a message, rather than training on other data).
 # The launch (one process, torchrun on this node, torchrun across nodes, or srun under SLURM) is
 # worked out by byol_fast.launch; `make -n pretrain GPUS=32 ...` prints the exact command.
 TRAIN_ARGS = --config $(CONFIG) $(if $(DATA),--data.path=$(DATA)/train) $(ARGS)
@@ -53,8 +54,8 @@ LAUNCH_ENV = $(foreach v,NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE,
 LAUNCH = $(shell env $(LAUNCH_ENV) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m byol_fast.launch --print $(LAUNCH_ARGS) 2>/dev/null)
 
 pretrain: install
-	@if [ -z "$(DATA)" ] && [ "$(CONFIG)" = "config/demo.yaml" ] && [ ! -d $(DEMO)/train ]; then \
-		$(PY) -m byol_fast.data demo $(DEMO); fi
+	@if [ -z "$(DATA)" ] && [ "$(CONFIG)" = "config/demo.yaml" ]; then \
+		$(PY) -m byol_fast.data demo $(DEMO) || exit $$?; fi
 	$(if $(LAUNCH),$(LAUNCH),env $(LAUNCH_ENV) $(PY) -m byol_fast.launch $(LAUNCH_ARGS))
 
 index: install
