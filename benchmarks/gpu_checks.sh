@@ -26,7 +26,7 @@ for part in "$@"; do
       nvidia-smi | tee "$OUT/nvidia-smi.txt"
       $PY -m pytest -q -m gpu -p no:cacheprovider 2>&1 | tail -15 | tee "$OUT/pytest-gpu.txt" ;;
     demo)
-      [ -d data/demo/train ] || $PY -m byol_fast.data demo data/demo
+      $PY -m byol_fast.data demo data/demo || exit 2  # made if missing; one of other parameters stops here
       /usr/bin/time -v timeout 300 $PY -m byol_fast.train --config config/demo.yaml --out_dir="$OUT/demo" \
         --data.decode=gpu 2>&1 | grep -E "epoch|done|rror|Elapsed|Maximum resident" | tail -12 | tee "$OUT/demo.txt" ;;
     r50)

@@ -584,6 +584,22 @@ def load_index(path_or_root: str | os.PathLike, **build_kwargs) -> Index:
     return build_index(path, **build_kwargs)
 
 
+def checked_index(path: str | os.PathLike, info, workers: int = 0) -> Index:
+    """The index of ``path`` for one process of a distributed run (``info``: byol_fast.dist.DistInfo):
+    rank 0 scans or refreshes it, every other rank waits and then reads the result, so the images
+    are decoded once, not once per process."""
+    from . import dist
+
+    if info.is_main:
+        index = load_index(path, workers=workers, progress=True)
+    dist.barrier()
+    if not info.is_main:
+        index = load_index(path, progress=False)
+    if index.skipped and info.is_main:
+        print(f"index: {len(index.files)} images, {len(index.skipped)} left out (see {index.report_path})", flush=True)
+    return index
+
+
 # ------------------------------------------------------------------------------ demo dataset
 
 # One texture family per class. Colours, phase, scale, position and a wobble are random per image,
@@ -701,21 +717,6 @@ def demo_image(name: str, rng: np.random.Generator, size: int) -> np.ndarray:
     img = img + rng.normal(0, rng.uniform(0.01, 0.04), img.shape)
     return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
 
-
-def checked_index(path: str | os.PathLike, info, workers: int = 0) -> Index:
-    """The index of ``path`` for one process of a distributed run (``info``: byol_fast.dist.DistInfo):
-    rank 0 scans or refreshes it, every other rank waits and then reads the result, so the images
-    are decoded once, not once per process."""
-    from . import dist
-
-    if info.is_main:
-        index = load_index(path, workers=workers, progress=True)
-    dist.barrier()
-    if not info.is_main:
-        index = load_index(path, progress=False)
-    if index.skipped and info.is_main:
-        print(f"index: {len(index.files)} images, {len(index.skipped)} left out (see {index.report_path})", flush=True)
-    return index
 
 def _demo_params(num_classes, train_per_class, val_per_class, size, seed) -> dict:
     return {"generator": "byol_fast.data.make_demo_dataset", "version": 1, "num_classes": num_classes,

@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_save
 from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
-from .model import TINY
+from .model import TORCHVISION_BACKBONES
 
 
 def torchscript_path(out: str | Path) -> Path:
@@ -39,8 +39,9 @@ def export_encoder(checkpoint: str | Path, out: str | Path, which: str = "online
                    torchscript: bool = False, weights: EncoderWeights | None = None) -> list[Path]:
     """Write the encoder of ``checkpoint`` (any file byol_fast.features reads) to ``out``.
 
-    Returns the paths written. The state_dict passes through a real torchvision encoder first
-    (strict load), so a file that would not load into torchvision is never written. ``weights``:
+    Returns the paths written. The state_dict passes through the encoder network first (strict
+    load: torchvision's own ResNet for a torchvision backbone), so a file that would not load back
+    is never written. ``weights``:
     the checkpoint's encoder weights when the caller has already read them.
     """
     weights = weights or read_encoder_weights(checkpoint, which)
@@ -75,12 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if weights.backbone == TINY:
-        print(f"wrote {written[0]}: {TINY} state_dict (torchvision has no such model: load it with "
-              f"byol_fast.features.load_encoder; expects ImageNet-normalised input)")
-    else:
+    if weights.backbone in TORCHVISION_BACKBONES:
         print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
               f"(load with strict=False; expects ImageNet-normalised input)")
+    else:
+        print(f"wrote {written[0]}: {weights.backbone} state_dict (torchvision has no such model: load it "
+              f"with byol_fast.features.load_encoder; expects ImageNet-normalised input)")
     for path in written[1:]:
         print(f"wrote {path}: TorchScript, RGB in [0, 1] or uint8 -> features")
     return 0

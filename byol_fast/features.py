@@ -82,13 +82,13 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
 
 
 def infer_backbone(state: dict[str, torch.Tensor], source: str | Path = "state_dict") -> str:
-    """The torchvision ResNet whose encoder keys and shapes are exactly those of ``state``."""
+    """The backbone (byol_fast.model.BACKBONES) whose encoder keys and shapes are exactly those of ``state``."""
     for name in BACKBONES:
         with torch.device("meta"):  # no memory, no initialisation cost
             shapes = {k: v.shape for k, v in build_encoder(name)[0].state_dict().items()}
         if shapes.keys() == state.keys() and all(shapes[k] == state[k].shape for k in shapes):
             return name
-    raise CheckpointError(f"{source}: its keys match no torchvision ResNet encoder ({', '.join(BACKBONES)}). "
+    raise CheckpointError(f"{source}: its keys match no known encoder ({', '.join(BACKBONES)}). "
                           + _key_hint(set(state), set(_expected_keys("resnet50"))))
 
 
@@ -130,7 +130,8 @@ def build_frozen_encoder(weights: EncoderWeights, source: str | Path) -> tuple[n
 
 def load_encoder(path: str | Path, which: str = "online", backbone: str | None = None,
                  device: str | torch.device = "cpu") -> tuple[nn.Module, int]:
-    """(encoder, feature width): a torchvision ResNet with ``fc = Identity``, in eval mode, frozen.
+    """(encoder, feature width): the backbone (a torchvision ResNet, or the demo's tiny_resnet) with
+    ``fc = Identity``, in eval mode, frozen.
 
     The encoder maps ImageNet-normalised images (N, 3, H, W) to pooled features (N, width).
     """
