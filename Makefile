@@ -23,6 +23,7 @@ help:
 	@echo "make index DATA=/imagenet     check every image of DATA/train and DATA/val once, write the index"
 	@echo "make linear-eval              linear evaluation of runs/demo/last.pt on the demo dataset"
 	@echo "make linear-eval LINEAR_CONFIG=config/linear_r50_in1k.yaml CHECKPOINT=runs/r50/last.pt DATA=/imagenet GPUS=8"
+	@echo "make pretrain|linear-eval ... GPUS=16 NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0>   on each node (srun under SLURM)"
 	@echo "make benchmark                benchmarks/throughput.py (img/s, stage by stage)"
 
 install: $(VENV)/.installed
@@ -46,17 +47,21 @@ demo-data: install
 # With no DATA and the demo config, the demo dataset is made first if it is missing (a folder made by
 # another version of the generator stops here with a message, rather than training on other data).
 # The launch (one process, torchrun on this node, torchrun across nodes, or srun under SLURM) is
-# worked out by byol_fast.launch; `make -n pretrain GPUS=32 ...` prints the exact command.
-TRAIN_ARGS = --config $(CONFIG) $(if $(DATA),--data.path=$(DATA)/train) $(ARGS)
-LAUNCH_ARGS = --gpus $(GPUS) --python $(PY) --max-restarts $(MAX_RESTARTS) -- $(TRAIN_ARGS)
+# worked out by byol_fast.launch, for pretrain and linear-eval alike; `make -n pretrain GPUS=32 ...`
+# and `make -n linear-eval GPUS=32 ...` print the exact command.
+# $(call launch,ENTRY,ARGS): the command that runs byol_fast.ENTRY with ARGS on $(GPUS) GPUs; where
+# byol_fast.launch cannot work it out here (--print fails), the recipe runs it and it says why.
 MAX_RESTARTS ?= 0
 LAUNCH_ENV = $(foreach v,NNODES NODE_RANK MASTER_ADDR MASTER_PORT GPUS_PER_NODE,$(if $($(v)),$(v)=$($(v))))
-LAUNCH = $(shell env $(LAUNCH_ENV) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m byol_fast.launch --print $(LAUNCH_ARGS) 2>/dev/null)
+launch_args = --gpus $(GPUS) --python $(PY) --max-restarts $(MAX_RESTARTS) --entry $(1) -- $(2)
+launch_print = $(shell env $(LAUNCH_ENV) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m byol_fast.launch --print $(call launch_args,$(1),$(2)) 2>/dev/null)
+launch = $(or $(call launch_print,$(1),$(2)),env $(LAUNCH_ENV) $(PY) -m byol_fast.launch $(call launch_args,$(1),$(2)))
 
+TRAIN_ARGS = --config $(CONFIG) $(if $(DATA),--data.path=$(DATA)/train) $(ARGS)
 pretrain: install
 	@if [ -z "$(DATA)" ] && [ "$(CONFIG)" = "config/demo.yaml" ]; then \
 		$(PY) -m byol_fast.data demo $(DEMO) || exit $$?; fi
-	$(if $(LAUNCH),$(LAUNCH),env $(LAUNCH_ENV) $(PY) -m byol_fast.launch $(LAUNCH_ARGS))
+	$(call launch,train,$(TRAIN_ARGS))
 
 index: install
 	@test -n "$(DATA)" || { echo "make index DATA=/path/to/dataset (holding train/ and val/, or images)"; exit 2; }
@@ -69,7 +74,7 @@ LINEAR_CONFIG ?= config/linear_demo.yaml
 CHECKPOINT ?= runs/demo/last.pt
 LINEAR_ARGS = --config $(LINEAR_CONFIG) --checkpoint $(CHECKPOINT) $(if $(DATA),--data $(DATA)) $(ARGS)
 linear-eval: install
-	$(if $(filter-out 0 1,$(GPUS)),$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(GPUS) -m byol_fast.linear_eval,$(PY) -m byol_fast.linear_eval) $(LINEAR_ARGS)
+	$(call launch,linear_eval,$(LINEAR_ARGS))
 
 benchmark: install
 	$(PY) benchmarks/throughput.py $(ARGS)

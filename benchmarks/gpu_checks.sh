@@ -28,11 +28,11 @@ for part in "$@"; do
     demo)
       $PY -m byol_fast.data demo data/demo || exit 2  # made if missing; one of other parameters stops here
       /usr/bin/time -v timeout 300 $PY -m byol_fast.train --config config/demo.yaml --out_dir="$OUT/demo" \
-        --data.decode=gpu 2>&1 | grep -E "epoch|done|rror|Elapsed|Maximum resident" | tail -12 | tee "$OUT/demo.txt" ;;
+        --reader.decode=gpu 2>&1 | grep -E "epoch|done|rror|Elapsed|Maximum resident" | tail -12 | tee "$OUT/demo.txt" ;;
     r50)
       ensure_images
       timeout 300 $PY -m byol_fast.train --config config/byol_r50_in1k_300ep.yaml --data.path="$IMAGES/train" \
-        --optim.batch_size=256 --max_steps=60 --log_every=10 --out_dir="$OUT/r50" --data.num_threads=8 \
+        --optim.batch_size=256 --max_steps=60 --log_every=10 --out_dir="$OUT/r50" --reader.num_threads=8 \
         2>&1 | grep -E "step|done|rror" | tail -10 | tee "$OUT/r50.txt" ;;
     bench)
       ensure_images

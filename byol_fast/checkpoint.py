@@ -1,7 +1,20 @@
-"""Atomic checkpoints and automatic resume.
+"""The checkpoint formats, written and read here, and how they reach the disk.
 
-``last.pt`` is written to a temporary file in the same folder, flushed to disk and renamed over
-the old one, so a crash (even kill -9) mid-write leaves the previous checkpoint intact.
+Three kinds of file, each tagged with its kind when written and told apart by it when read:
+
+- :data:`PRETRAIN` (``runs/x/last.pt``): online and target networks, predictor, optimizer, step,
+  RNG and loader states, the config; a top-level ``"kind"`` entry;
+- :data:`LINEAR` (``runs/x/linear/last.pt``): the frozen encoder, the classifier, its optimizer,
+  the epoch and the results so far; a top-level ``"kind"`` entry;
+- :data:`ENCODER` (``python -m byol_fast.export``): a plain torchvision state_dict. Its tag sits in
+  the state_dict's own ``_metadata`` (where PyTorch keeps per-module versions), so
+  ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` still sees nothing but
+  tensors and reports only ``fc.*`` missing.
+
+Pretraining files written before the tags existed are recognised by their keys.
+
+Every file is written to a temporary file in the same folder, flushed to disk and renamed over the
+old one, so a crash (even kill -9) mid-write leaves the previous file intact.
 """
 from __future__ import annotations
 
@@ -14,6 +27,9 @@ import numpy as np
 import torch
 
 LAST = "last.pt"
+PRETRAIN = "byol_fast.pretrain"
+LINEAR = "byol_fast.linear_eval"
+ENCODER = "byol_fast.encoder"
 
 
 class CheckpointError(RuntimeError):
@@ -37,7 +53,31 @@ def atomic_save(obj, path: str | Path) -> None:
         pass
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
+def save(state: dict, path: str | Path, kind: str) -> None:
+    """Write a pretraining or linear-evaluation checkpoint, tagged with its ``kind``."""
+    atomic_save({"kind": kind, **state}, path)
+
+
+def save_encoder(state_dict: dict, path: str | Path) -> None:
+    """Write an exported encoder: a torchvision state_dict whose ``_metadata`` carries the tag."""
+    meta = getattr(state_dict, "_metadata", None)
+    if meta is not None:
+        meta[""] = {**meta.get("", {}), "kind": ENCODER}
+    atomic_save(state_dict, path)
+
+
+def kind_of(obj: dict) -> str | None:
+    """The kind of a loaded file: PRETRAIN, LINEAR, ENCODER, or None (e.g. a foreign state_dict)."""
+    if obj.get("kind") in (PRETRAIN, LINEAR):
+        return obj["kind"]
+    if "online" in obj and "config" in obj:  # a pretraining checkpoint from before the tags
+        return PRETRAIN
+    meta = getattr(obj, "_metadata", None) or {}
+    return ENCODER if meta.get("", {}).get("kind") == ENCODER else None
+
+
+def load(path: str | Path, kind: str | None = None, map_location="cpu") -> dict:
+    """The dict in ``path``; with ``kind``, a CheckpointError unless the file is of that kind."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
@@ -47,6 +87,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a byol_fast checkpoint (found {type(state).__name__})")
+    if kind is not None and kind_of(state) != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint (it is {kind_of(state) or 'of no byol_fast kind'})")
     return state
 
 

@@ -2,12 +2,14 @@
 
 A run's configuration is built in three layers, later ones winning:
 
-1. the dataclass defaults below (the paper's values, REFERENCE.md section 1),
+1. the dataclass defaults below (the paper's values, byol_fast/REFERENCE.md section 1),
 2. a YAML recipe (``config/*.yaml``), a nested mapping of sections,
 3. command-line overrides ``--section.key=value`` (values parsed as YAML scalars).
 
-Unknown keys and values of the wrong type stop with a :class:`ConfigError` that names the
-dotted key and, where it came from a file, the file. Derived values (scaled learning rate,
+Every entry point's schema lives here: :class:`Config` (pretraining), :class:`LinearConfig`
+(linear evaluation); both read images through the one :class:`ReaderConfig` section. Unknown keys,
+values of the wrong type and values outside :data:`CHOICES` stop with a :class:`ConfigError` that
+names the dotted key and, where it came from a file, the file. Derived values (scaled learning rate,
 steps per epoch, per-GPU batch) are computed by functions elsewhere and never written back.
 """
 from __future__ import annotations
@@ -54,7 +56,7 @@ VIEW2_DEFAULTS = dict(blur_p=0.1, solarize_p=0.2)
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Where images come from and how the loader runs."""
+    """Which images pretraining reads and how its two views are made."""
 
     path: str = "data/demo/train"  # ImageFolder tree (class folders), flat folder, or an index file
     image_size: int = 224  # output side of each view
@@ -63,12 +65,19 @@ class DataConfig:
     view2: ViewConfig = field(default_factory=lambda: ViewConfig(**VIEW2_DEFAULTS))
     mean: tuple[float, float, float] = IMAGENET_MEAN  # on [0, 1] pixels
     std: tuple[float, float, float] = IMAGENET_STD
-    loader: str = "dali"  # dali | torchvision (the PIL reference loader)
-    decode: str = "auto"  # where DALI decodes and augments: auto (gpu when training on CUDA) | cpu | gpu
-    num_threads: int = 4  # DALI CPU threads (or DataLoader workers for the torchvision loader)
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How images are read and decoded: every loader (pretraining, linear evaluation, the kNN
+    monitor, the benchmark) takes this section whole."""
+
+    loader: str = "dali"  # dali | torchvision (the PIL reference loaders)
+    decode: str = "auto"  # where DALI decodes and augments: auto (gpu when running on CUDA) | cpu | gpu
+    num_threads: int = 4  # DALI CPU threads (or DataLoader workers for the torchvision loaders)
     prefetch: int = 2  # batches DALI prepares ahead
     hw_decoder_load: float = 0.65  # share of JPEG decoding sent to the hardware decoder (A100/H100)
-    workers: int = 0  # dataset-index scan processes (0 = all cores)
+    index_workers: int = 0  # processes of the dataset-index scan (0 = all cores)
 
 
 @dataclass(frozen=True)
@@ -110,7 +119,10 @@ class MonitorConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """Pretraining (``python -m byol_fast.train``). Defaults: the paper's 1000-epoch run."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     ema: EmaConfig = field(default_factory=EmaConfig)
@@ -125,17 +137,63 @@ class Config:
     sync_bn: bool = True  # SyncBatchNorm across GPUs (CUDA only)
     compile: bool = False  # torch.compile the online network
     log_every: int = 20  # steps between metric reads (each read is a host sync)
-    checkpoint_minutes: float = 15.0  # also written at every epoch end
+    checkpoint_minutes: float = 15.0  # also written at every epoch end and when a stop signal arrives
     max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) steps in a row
 
 
+@dataclass(frozen=True)
+class LinearDataConfig:
+    """Which labelled images linear evaluation reads and how they are cropped (BYOL Appendix C.1)."""
+
+    path: str = ""  # root holding train/ and val/ ImageFolder trees (--data sets it)
+    image_size: int = 224  # crop side, training and validation
+    resize: int = 256  # validation: shorter side resized to this, then a center crop of image_size
+    crop_area: tuple[float, float] = (0.08, 1.0)  # training random resized crop, fraction of the area
+    interp: str = "linear"  # resize filter of crop and validation resize: linear (torchvision's default) | cubic
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # on [0, 1] pixels; replaced by the encoder's own
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    """Linear evaluation (``python -m byol_fast.linear_eval``). Defaults: the published protocol."""
+
+    data: LinearDataConfig = field(default_factory=LinearDataConfig)
+    reader: ReaderConfig = field(default_factory=ReaderConfig)
+    checkpoint: str = ""  # pretraining checkpoint, exported state_dict or linear-eval checkpoint
+    init: str = "checkpoint"  # checkpoint: its encoder | random: a fresh one (what pretraining bought)
+    which: str = "online"  # tower of a pretraining checkpoint: online (the paper's) | target
+    backbone: str = ""  # empty: the checkpoint's; needed for init=random without a checkpoint
+    features: str = "images"  # images: augmented crops every epoch (the protocol) | cached: center-crop features once
+    epochs: int = 90
+    batch_size: int = 1024  # global, over all processes
+    lr: float = 0.2  # per 256 images: lr_used = lr * batch_size / 256
+    momentum: float = 0.9  # Nesterov
+    weight_decay: float = 0.0
+    head_bn: bool = False  # BatchNorm1d(affine=False) before the linear layer (MAE's probe); still linear
+    out_dir: str = ""  # empty: linear/ (linear_random/ for init=random) beside the checkpoint
+    seed: int = 0
+    device: str = "auto"  # auto | cuda | cpu
+    precision: str = "auto"  # encoder forward: auto (bf16/fp16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
+    channels_last: bool = True
+    log_every: int = 50  # steps between loss reads (each read is a host sync)
+
+
+# The one table of choices: a field of this name, in any section of any schema, takes one of these.
 CHOICES = {
-    "data.interp": ("cubic", "linear"),
-    "data.loader": ("dali", "torchvision"),
-    "data.decode": ("auto", "cpu", "gpu"),
+    "interp": ("cubic", "linear"),
+    "loader": ("dali", "torchvision"),
+    "decode": ("auto", "cpu", "gpu"),
     "device": ("auto", "cuda", "cpu"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
+    "init": ("checkpoint", "random"),
+    "which": ("online", "target"),
+    "features": ("images", "cached"),
 }
+
+# Keys that moved to the reader section: an old recipe gets told where they went.
+MOVED = {f"data.{k}": f"reader.{k}" for k in ("loader", "decode", "num_threads", "prefetch", "hw_decoder_load")}
+MOVED["data.workers"] = "reader.index_workers"
 
 
 # ---------------------------------------------------------------------------- building
@@ -186,7 +244,10 @@ def _build(cls: type, values: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known in this section: {', '.join(sorted(names))})")
+        key = prefix + unknown[0]
+        if key in MOVED:
+            raise ConfigError(f"config key '{key}' is now '{MOVED[key]}' (the reader section: how images are read)")
+        raise ConfigError(f"unknown config key '{key}' (known in this section: {', '.join(sorted(names))})")
     default = cls()
     kwargs = {}
     for name in names:
@@ -204,15 +265,40 @@ def _build(cls: type, values: dict, prefix: str = ""):
 
 def _check_choices(obj, prefix: str) -> None:
     for f in dataclasses.fields(obj):
-        key = prefix + f.name
-        if key in CHOICES and getattr(obj, f.name) not in CHOICES[key]:
-            raise ConfigError(f"{key}: {getattr(obj, f.name)!r} is not one of {', '.join(CHOICES[key])}")
+        value = getattr(obj, f.name)
+        if f.name in CHOICES and not dataclasses.is_dataclass(value) and value not in CHOICES[f.name]:
+            raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(CHOICES[f.name])}")
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _check_linear(cfg: LinearConfig) -> None:
+    """What linear evaluation needs beyond well-typed values: a source of weights and data."""
+    if not cfg.data.path:
+        raise ConfigError("data.path: give the dataset root (train/ and val/ inside) with --data DATA")
+    if cfg.init == "checkpoint" and not cfg.checkpoint:
+        raise ConfigError("checkpoint: give --checkpoint RUN/last.pt (or --init random for the baseline)")
+    if not cfg.checkpoint and not cfg.backbone:
+        raise ConfigError("backbone: --init random without --checkpoint needs --backbone=resnet50 (or another)")
+    if not cfg.checkpoint and not cfg.out_dir:
+        raise ConfigError("out_dir: --init random without --checkpoint needs --out_dir")
+
+
+# Checks across the keys of a complete configuration, for the run about to start (a recipe on its
+# own may leave run-specific keys, such as the checkpoint, empty).
+WHOLE_CHECKS = {LinearConfig: _check_linear}
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError if ``cfg`` cannot start a run (beyond types and choices, checked when built)."""
+    check = WHOLE_CHECKS.get(type(cfg))
+    if check:
+        check(cfg)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    """Nested dicts: ``extra`` wins, section by section."""
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -270,7 +356,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
             raise ConfigError(f"{path}: {e}") from None
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
-        values = _merge(values, extra)
+        values = merge(values, extra)
     return _build(cls, values)
 
 

@@ -77,7 +77,7 @@ def teardown() -> None:
 def wrap(model: nn.Module, device: torch.device, info: DistInfo, sync_bn: bool, channels_last: bool) -> nn.Module:
     """SyncBatchNorm (CUDA only) -> device and memory format -> DDP (mixed precision is autocast in the step).
 
-    The order matters (seed 002): SyncBN conversion must see the plain BatchNorm modules, and
+    The order matters (yaox12/BYOL-PyTorch does the same): SyncBN conversion must see the plain BatchNorm modules, and
     DDP must wrap the final module on its device.
     """
     if sync_bn and device.type == "cuda" and info.world_size > 1:
@@ -111,3 +111,27 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(t)
         t /= dist.get_world_size()
     return t
+
+
+def gather_rows(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's rows of x (Q_r, D) and y (Q_r,), concatenated in rank order on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return x, y
+    xs, ys, valid = gather_padded(x, y)
+    return xs[valid], ys[valid]
+
+
+def gather_padded(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All ranks' rows of x (Q_r, D) and y (Q_r,), each padded to the largest Q_r: (X, Y, valid mask)."""
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]  # host sync: once per call
+    m = max(sizes)
+    xs = [torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device) for _ in range(world)]
+    ys = [torch.empty(m, dtype=y.dtype, device=y.device) for _ in range(world)]
+    dist.all_gather(xs, torch.cat([x, x.new_zeros(m - x.shape[0], x.shape[1])]))
+    dist.all_gather(ys, torch.cat([y, y.new_zeros(m - y.shape[0])]))
+    valid = torch.cat([torch.arange(m, device=x.device) < s for s in sizes])
+    return torch.cat(xs), torch.cat(ys), valid

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, atomic_save
+from .checkpoint import CheckpointError, save_encoder
 from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
 from .model import TORCHVISION_BACKBONES
 
@@ -35,18 +35,16 @@ def torchscript_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".torchscript" + (out.suffix or ".pt"))
 
 
-def export_encoder(checkpoint: str | Path, out: str | Path, which: str = "online",
-                   torchscript: bool = False, weights: EncoderWeights | None = None) -> list[Path]:
-    """Write the encoder of ``checkpoint`` (any file byol_fast.features reads) to ``out``.
+def export_encoder(weights: EncoderWeights, source: str | Path, out: str | Path,
+                   torchscript: bool = False) -> list[Path]:
+    """Write the encoder ``weights`` (read by byol_fast.features.read_encoder_weights from ``source``)
+    to ``out``; return the paths written.
 
-    Returns the paths written. The state_dict passes through the encoder network first (strict
-    load: torchvision's own ResNet for a torchvision backbone), so a file that would not load back
-    is never written. ``weights``:
-    the checkpoint's encoder weights when the caller has already read them.
+    The state_dict passes through the encoder network first (strict load: torchvision's own ResNet
+    for a torchvision backbone), so a file that would not load back is never written.
     """
-    weights = weights or read_encoder_weights(checkpoint, which)
-    encoder, width = build_frozen_encoder(weights, checkpoint)
-    atomic_save(encoder.state_dict(), out)
+    encoder, width = build_frozen_encoder(weights, source)
+    save_encoder(encoder.state_dict(), out)
     written = [Path(out)]
     if torchscript:
         module = FeatureExtractor(encoder, width, weights.mean, weights.std)
@@ -72,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         weights = read_encoder_weights(args.checkpoint, args.which)
-        written = export_encoder(args.checkpoint, args.out, torchscript=args.torchscript, weights=weights)
+        written = export_encoder(weights, args.checkpoint, args.out, torchscript=args.torchscript)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

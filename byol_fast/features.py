@@ -1,14 +1,14 @@
 """Load a pretrained encoder from any byol_fast file and turn images into features.
 
-Three kinds of file are understood, told apart by their content:
+Three kinds of file are understood, told apart by the kind that ``byol_fast.checkpoint`` tags them with:
 
 - a pretraining checkpoint (``runs/x/last.pt``): the ``online`` encoder, the network the paper
   evaluates (``which="target"`` takes the EMA target's instead);
 - a linear-evaluation checkpoint (``runs/x/linear/last.pt``): the frozen encoder it was trained on;
-- an exported encoder (``python -m byol_fast.export``): a plain torchvision ResNet state_dict, or any
-  torchvision ResNet state_dict (its ``fc.*`` classifier is ignored).
+- an exported encoder (``python -m byol_fast.export``): a plain torchvision ResNet state_dict; and any
+  untagged torchvision ResNet state_dict (its ``fc.*`` classifier is ignored).
 
-Loading is strict (REFERENCE.md section 3): a state_dict whose keys carry a ``module.`` or
+Loading is strict (byol_fast/REFERENCE.md section 3): a state_dict whose keys carry a ``module.`` or
 ``backbone.`` prefix would "load" with ``strict=False`` and leave a random network, so any missing
 or unexpected backbone key is an error that lists them.
 
@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load
+from . import checkpoint as ckpt
+from .checkpoint import CheckpointError
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .model import BACKBONES, build_encoder
 
-LINEAR_KIND = "byol_fast.linear_eval"  # the 'kind' entry of a linear-evaluation checkpoint
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")  # torchvision's classifier: not part of the encoder
 
 
@@ -60,15 +60,16 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
     """
     if which not in ("online", "target"):
         raise ValueError(f"which: expected 'online' or 'target', got {which!r}")
-    obj = load(path)
-    if "online" in obj and "config" in obj:  # our pretraining checkpoint
+    obj = ckpt.load(path)
+    kind = ckpt.kind_of(obj)
+    if kind == ckpt.PRETRAIN:
         prefix = "encoder."
         state = {k[len(prefix):]: v for k, v in obj[which].items() if k.startswith(prefix)}
         cfg = obj["config"]
         data = cfg.get("data", {})
         weights = EncoderWeights(state, cfg["model"]["backbone"], tuple(data.get("mean", IMAGENET_MEAN)),
                                  tuple(data.get("std", IMAGENET_STD)))
-    elif obj.get("kind") == LINEAR_KIND:
+    elif kind == ckpt.LINEAR:
         weights = EncoderWeights(obj["encoder"], obj["backbone"], tuple(obj["mean"]), tuple(obj["std"]))
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # a bare state_dict
         state = {k: v for k, v in obj.items() if k not in CLASSIFIER_KEYS}

@@ -1,8 +1,12 @@
-"""Work out how to launch pretraining on N GPUs, and launch it (``make pretrain GPUS=N``).
+"""Work out how to launch pretraining or linear evaluation on N GPUs, and launch it
+(``make pretrain GPUS=N``, ``make linear-eval GPUS=N``).
 
-    python -m byol_fast.launch --gpus 32 [--print] -- --config config/byol_r50_in1k_300ep.yaml ...
+    python -m byol_fast.launch --gpus 32 [--entry train|linear_eval] [--print] -- --config C.yaml ...
 
-- N <= 1: one process (``python -m byol_fast.train``): the GPU if there is one, else the CPU.
+``--entry`` picks the module run, ``byol_fast.train`` (the default) or ``byol_fast.linear_eval``;
+the arguments after ``--`` go to it. Both launch the same way:
+
+- N <= 1: one process (``python -m byol_fast.<entry>``): the GPU if there is one, else the CPU.
 - N <= GPUs per node: ``torchrun --standalone --nproc_per_node=N`` on this machine.
 - N > GPUs per node: N / GPUS_PER_NODE nodes. Inside a SLURM allocation (SLURM_JOB_ID set) the
   launch is ``srun`` with one task per GPU; ranks come from SLURM's variables. Otherwise the same
@@ -10,7 +14,8 @@
   torchrun's static rendezvous.
 
 GPUS_PER_NODE defaults to the GPUs on this machine, or 8 where it has none. Standard library only,
-so that ``make -n pretrain`` can print the exact command before anything is installed.
+so that ``make -n pretrain`` and ``make -n linear-eval`` can print the exact command before anything
+is installed.
 """
 from __future__ import annotations
 
@@ -19,6 +24,10 @@ import os
 import shlex
 import subprocess
 import sys
+
+
+ENTRIES = ("train", "linear_eval")
+WHAT = {"train": "pretraining", "linear_eval": "linear evaluation"}
 
 
 class LaunchError(ValueError):
@@ -34,11 +43,14 @@ def gpus_on_this_machine() -> int:
 
 
 def plan(gpus: int, train_args: list[str], python: str = "python", env=os.environ,
-         gpus_here: int | None = None, max_restarts: int = 0) -> list[str]:
-    """The command (argv) that starts ``gpus`` training processes; raises LaunchError if it cannot."""
+         gpus_here: int | None = None, max_restarts: int = 0, entry: str = "train") -> list[str]:
+    """The command (argv) that starts ``gpus`` processes of ``byol_fast.<entry>`` with ``train_args``
+    (the entry's arguments); raises LaunchError if it cannot."""
+    if entry not in ENTRIES:
+        raise LaunchError(f"entry {entry!r} is not one of {', '.join(ENTRIES)}")
     gpus_here = gpus_on_this_machine() if gpus_here is None else gpus_here
     per_node = int(env.get("GPUS_PER_NODE") or gpus_here or 8)
-    train = ["-m", "byol_fast.train", *train_args]
+    train = ["-m", f"byol_fast.{entry}", *train_args]
     if gpus <= 1:
         return [python, *train]
     torchrun = [python, "-m", "torch.distributed.run"]
@@ -56,10 +68,12 @@ def plan(gpus: int, train_args: list[str], python: str = "python", env=os.enviro
                 python, *train]
     missing = [v for v in ("NNODES", "NODE_RANK", "MASTER_ADDR") if not env.get(v)]
     if missing:
+        slurm = ("submit config/slurm/pretrain.sbatch with sbatch" if entry == "train"
+                 else "run the same make command inside a SLURM allocation (sbatch, salloc)")
         raise LaunchError(
-            f"GPUS={gpus} needs {nnodes} nodes of {per_node} GPUs. Run the same make command on every node with "
-            f"NNODES={nnodes} NODE_RANK=<0..{nnodes - 1}> MASTER_ADDR=<node 0's address> [MASTER_PORT=29500] "
-            f"set (missing: {', '.join(missing)}), or submit config/slurm/pretrain.sbatch with sbatch")
+            f"{WHAT[entry]} on GPUS={gpus} needs {nnodes} nodes of {per_node} GPUs. Run the same make command on "
+            f"every node with NNODES={nnodes} NODE_RANK=<0..{nnodes - 1}> MASTER_ADDR=<node 0's address> "
+            f"[MASTER_PORT=29500] set (missing: {', '.join(missing)}), or {slurm}")
     if int(env["NNODES"]) != nnodes:
         raise LaunchError(f"NNODES={env['NNODES']} but GPUS={gpus} at {per_node} per node needs {nnodes}")
     return [*torchrun, f"--nnodes={nnodes}", f"--node_rank={env['NODE_RANK']}", f"--nproc_per_node={per_node}",
@@ -72,13 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m byol_fast.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: this machine's)")
-    parser.add_argument("--python", default=sys.executable, help="interpreter for the training processes")
+    parser.add_argument("--entry", choices=ENTRIES, default="train",
+                        help="module to launch: byol_fast.train (pretraining, the default) or byol_fast.linear_eval")
+    parser.add_argument("--python", default=sys.executable, help="interpreter for the launched processes")
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts (resume from last.pt)")
     parser.add_argument("--print", action="store_true", help="print the command instead of running it")
     args = parser.parse_args(ours)
     gpus = gpus_on_this_machine() if args.gpus is None else args.gpus
     try:
-        cmd = plan(gpus, train_args, args.python, max_restarts=args.max_restarts)
+        cmd = plan(gpus, train_args, args.python, max_restarts=args.max_restarts, entry=args.entry)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,20 +10,10 @@ import contextlib
 import torch
 
 from . import dist
-from .config import Config, ConfigError
+from .config import Config
 from .model import BYOL
 from .optim import LARS, param_groups
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> torch.dtype:
-    """bf16 where the GPU supports it, else fp16 (with a GradScaler); fp32 on the CPU."""
-    if cfg.precision == "fp32" or (cfg.precision == "auto" and device.type == "cpu"):
-        return torch.float32
-    if cfg.precision in ("bf16", "fp16") and device.type == "cpu":
-        raise ConfigError(f"precision: {cfg.precision!r} mixed precision needs a CUDA GPU (use fp32 or auto on the CPU)")
-    if cfg.precision == "bf16" or (cfg.precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+from .runtime import resolve_precision
 
 
 class Learner:
@@ -31,7 +21,7 @@ class Learner:
 
     def __init__(self, cfg: Config, device: torch.device, info: dist.DistInfo):
         self.cfg, self.device = cfg, device
-        self.amp_dtype = resolve_precision(cfg, device)
+        self.amp_dtype = resolve_precision(cfg.precision, device)
         self.model = dist.wrap(BYOL(cfg.model), device, info, cfg.sync_bn, cfg.channels_last)
         self.byol: BYOL = dist.unwrap(self.model)
         trainable = torch.nn.ModuleList([self.byol.online, self.byol.predictor])

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-sample ``2 - 2 cos(q, z) = ||q/|q| - z/|z|||^2`` for (N, D) inputs, in fp32.
 
-    Normalising fp16 projections overflows (REFERENCE.md section 3), so both inputs are cast
+    Normalising fp16 projections overflows (byol_fast/REFERENCE.md section 3), so both inputs are cast
     to fp32 first. The target carries no gradient.
     """
     q = F.normalize(prediction.float(), dim=-1)

@@ -1,4 +1,4 @@
-"""BYOL networks (REFERENCE.md section 1): encoder, projector, predictor, online and target.
+"""BYOL networks (byol_fast/REFERENCE.md section 1): encoder, projector, predictor, online and target.
 
 Shapes: images (N, 3, H, W) float -> encoder (N, F) with F the backbone width (2048 for
 ResNet-50) -> projector (N, 256) -> predictor (N, 256).

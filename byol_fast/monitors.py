@@ -23,6 +23,7 @@ import torch.distributed as tdist
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .features import loader_features
 
 # ---------------------------------------------------------------------------- top-k accuracy
@@ -94,7 +95,7 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Ten
     rank returns the same numbers. A collective: every rank must call it.
     """
     if tdist.is_initialized() and tdist.get_world_size() > 1:
-        query, query_labels, valid = _gather_padded(query, query_labels)
+        query, query_labels, valid = dist.gather_padded(query, query_labels)
         sims, labels = knn_neighbours(query, bank, bank_labels, k)
         sims, labels = merge_neighbours(_all_gather_cat(sims), _all_gather_cat(labels), k)
         query_labels = query_labels[valid]
@@ -114,27 +115,11 @@ def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _gather_padded(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All ranks' rows of x (Q_r, D) and y (Q_r,), padded to the largest Q_r: (X, Y, valid mask)."""
-    world = tdist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.empty_like(n) for _ in range(world)]
-    tdist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]  # host sync: once per monitor run
-    m = max(sizes)
-    xs = [torch.empty(m, x.shape[1], dtype=x.dtype, device=x.device) for _ in range(world)]
-    ys = [torch.empty(m, dtype=y.dtype, device=y.device) for _ in range(world)]
-    tdist.all_gather(xs, torch.cat([x, x.new_zeros(m - x.shape[0], x.shape[1])]))
-    tdist.all_gather(ys, torch.cat([y, y.new_zeros(m - y.shape[0])]))
-    valid = torch.cat([torch.arange(m, device=x.device) < s for s in sizes])
-    return torch.cat(xs), torch.cat(ys), valid
-
-
 class KnnMonitor:
     """kNN accuracy of an encoder: bank = labelled training images, queries = validation images.
 
     ``bank_loader`` and ``query_loader`` yield (images (B, 3, H, W) normalised, labels (B,) int64),
-    this rank's shard, re-iterable (e.g. ``byol_fast.linear_eval.eval_loader``: resize + center crop).
+    this rank's shard, re-iterable (``byol_fast.loaders.eval_loader``: resize + center crop).
     ``bank_limit`` > 0 caps this rank's bank (a subset keeps the monitor cheap on ImageNet).
     """
 
@@ -206,16 +191,6 @@ class OnlineProbe:
         self._sums.zero_()
         n = max(count, 1.0)
         return {"probe/train_loss": loss / n, "probe/train_top1": 100.0 * correct / n}
-
-    @torch.no_grad()
-    def evaluate(self, features: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Top-1/top-5 (%) of the probe on held-out features (N, F) of the encoder it was trained on."""
-        n = torch.full((1,), float(len(labels)), device=features.device)  # fill: no host-to-device copy
-        counts = torch.cat([topk_correct(self.head(features.float()), labels), n])
-        if tdist.is_initialized():
-            tdist.all_reduce(counts)
-        top1, top5, n = counts.tolist()
-        return {"probe/val_top1": 100.0 * top1 / max(n, 1), "probe/val_top5": 100.0 * top5 / max(n, 1)}
 
     def state_dict(self) -> dict:
         return {"head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}

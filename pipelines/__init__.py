@@ -1,12 +1,17 @@
-"""DALI graphs for byol_fast, and the torchvision reference they are tested against.
+"""Data pipelines for byol_fast: DALI graphs, their loaders, and the torchvision references.
 
-- :mod:`pipelines.pretrain`: the two-view BYOL augmentation graph (one function, ``device`` "cpu"|"gpu").
-- :mod:`pipelines.loader`: :class:`DaliTwoViewLoader`, the pretraining graph as an iterable of torch tensors.
-- :mod:`pipelines.linear_eval`: train/val graphs and loader for linear evaluation.
-- :mod:`pipelines.reference`: the same recipe with torchvision transforms on PIL images (baseline + test oracle).
+- :mod:`pipelines.contract`: the loader contract every loader follows, and :func:`rank_files`, the one
+  answer to "which files does rank r read in epoch e".
+- :mod:`pipelines.decode`: reading, decoding and normalising, the ends every DALI graph shares.
+- :mod:`pipelines.colour`: colour jitter and grayscale as per-image matrices (numpy).
+- :mod:`pipelines.pretrain`: the two-view BYOL augmentation graph (one graph, ``device`` "cpu"|"gpu").
+- :mod:`pipelines.evaluation`: linear evaluation's (and the kNN monitor's) training and validation graphs.
+- :mod:`pipelines.loader`: the DALI graphs as loaders of torch tensors.
+- :mod:`pipelines.reference`: the same recipes with torchvision transforms on PIL images (baseline + test oracle).
 
-Every loader yields images as float32 ``(N, 3, H, W)`` tensors whose memory is NHWC (channels_last):
-DALI writes HWC, and a ``permute`` makes the NCHW view for free.
+This package knows the configuration (``byol_fast.config``) and the image constants, nothing else
+of byol_fast. Every loader yields images as float32 ``(N, 3, H, W)`` tensors; DALI's are NHWC in memory
+(channels_last): DALI writes HWC, and a ``permute`` makes the NCHW view for free.
 
 Modules are imported lazily so that ``import pipelines.reference`` works without DALI installed.
 """

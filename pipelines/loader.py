@@ -1,9 +1,9 @@
-"""The two-view DALI pipeline as an iterable of torch tensors, one epoch per ``iter()``.
+"""The DALI graphs as loaders of torch tensors, under the loader contract (``pipelines.contract``).
 
-Every rank runs the same number of steps per epoch, ``len(files) // (batch_size * world_size)``, so
-that collectives (DDP, SyncBatchNorm) never wait on a rank that has stopped. The reader walks the
-files in :func:`epoch_order` (cut to whole batches on every shard), so a DALI reader epoch is exactly
-one training epoch: each epoch the ranks' shards partition the kept files.
+Each epoch builds the rank's pipeline afresh over the files :func:`pipelines.contract.rank_files`
+gives it, seeded by (seed, rank, epoch) (a CPU build takes tens of milliseconds), so a new epoch
+needs no saved state and a position inside an epoch is the DALI checkpoint of that pipeline
+(reader position and every random generator).
 
 DALI's outputs reach torch without a copy (DLPack; DALI's dynamic executor keeps an output's memory
 alive while a torch tensor refers to it) and as ``(N, 3, H, W)`` views of NHWC memory, i.e. torch's
@@ -11,42 +11,15 @@ channels_last format.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from byol_fast.config import DataConfig
-
-DEVICES = ("cpu", "gpu")
-
-
-def steps_per_epoch(num_files: int, batch_size: int, world_size: int) -> int:
-    """Batches each rank runs per epoch: the same on every rank; a ValueError if not even one."""
-    steps = num_files // (batch_size * world_size)
-    if steps < 1:
-        raise ValueError(
-            f"{num_files} files cannot fill one step of {batch_size} images per rank x {world_size} ranks "
-            f"(= {batch_size * world_size} images): add files or lower the batch size"
-        )
-    return steps
-
-
-def epoch_order(num_files: int, batch_size: int, world_size: int, seed: int) -> list[int]:
-    """Indices of the files the reader walks: a seeded random order of ``num_files`` (the same on every
-    rank), cut to ``steps_per_epoch x batch_size x world_size`` so every shard holds exactly one epoch
-    of batches. Index the files, and their labels, with it.
-
-    With this list and ``shuffle_after_epoch`` DALI's reader epoch is the training epoch: each epoch
-    the ranks' shards partition the kept files (no file twice, none missed), and the list is
-    reshuffled (the same way on every rank) between epochs. The files cut (fewer than one global
-    batch, e.g. at most 4,095 of ImageNet's 1.28M at batch 4096) are the same in every epoch.
-    """
-    keep = steps_per_epoch(num_files, batch_size, world_size) * batch_size * world_size
-    return np.random.default_rng(seed).permutation(num_files)[:keep].tolist()
+from byol_fast.config import DataConfig, LinearDataConfig, ReaderConfig
+from pipelines.contract import EpochLoader, Shard, pipeline_seed
 
 
 def to_torch(batch) -> torch.Tensor:
     """DALI TensorList of HWC samples -> torch ``(N, C, H, W)`` with channels_last strides, no copy."""
-    from nvidia.dali.tensors import TensorGPU  # here, so that steps_per_epoch needs no DALI
+    from nvidia.dali.tensors import TensorGPU
 
     tensor = batch.as_tensor()
     if isinstance(tensor, TensorGPU):
@@ -58,100 +31,109 @@ def to_torch(batch) -> torch.Tensor:
     return nhwc.permute(0, 3, 1, 2)
 
 
-class DaliTwoViewLoader:
-    """Yields ``steps_per_epoch`` pairs (view1, view2) per iteration, each float32 (N, 3, H, W)
-    (triples (view1, view2, labels int64 (N,)) when ``labels`` are given, for the online probe).
+def labels_to_torch(batch) -> torch.Tensor:
+    return torch.from_dlpack(batch.as_tensor()).reshape(-1).to(torch.int64)
 
-    batch_size is per rank. device: "cpu" (DALI on the CPU, no GPU needed) or "gpu" (nvJPEG + GPU ops
-    on cuda:local_rank). The reader is sharded by global rank over the files in :func:`epoch_order`
-    (each epoch a partition of the files over the ranks, reshuffled between epochs); the augmentation
-    seed is seed + rank.
-    Tensors land on ``torch_device`` (moved there only when DALI produced them elsewhere).
 
-    ``state_dict()`` / ``load_state_dict()`` resume mid-epoch exactly: the DALI checkpoint holds the
-    reader position and every random generator, plus the step within the epoch. Restoring requires
-    the same files, config, batch size, rank and seed.
-    """
+class _DaliLoader(EpochLoader):
+    """One pipeline per epoch; subclasses say how to build it (``_build``) and read it (``_convert``)."""
 
-    def __init__(
-        self,
-        files: list[str],
-        data: DataConfig,
-        batch_size: int,
-        device: str,
-        rank: int,
-        world_size: int,
-        local_rank: int,
-        seed: int,
-        torch_device: torch.device,
-        labels: list[int] | None = None,
-    ):
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        # The same list on every rank; labels (for the online probe) take the order of their files.
-        order = epoch_order(len(files), batch_size, world_size, seed)
-        self.files = [files[i] for i in order]
-        self.labels = None if labels is None else [labels[i] for i in order]
-        self.reader_seed = seed
-        self.data = data
-        self.batch_size = batch_size
-        self.device = device
-        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-        self.seed = seed + rank
-        self.torch_device = torch.device(torch_device)
-        self.steps_per_epoch = steps_per_epoch(len(self.files), batch_size, world_size)
-        self._pipe = None  # built on first use, so that load_state_dict can hand it a checkpoint
-        self._checkpoint = None
-        self._step = 0  # batches of the current epoch already returned
+    def __init__(self, files, labels, batch_size: int, device: str, shard: Shard, seed: int,
+                 torch_device: torch.device, train: bool):
+        super().__init__(len(files), batch_size, shard, seed, train)
+        self.files, self.labels = list(files), None if labels is None else list(labels)
+        self.device, self.torch_device = device, torch.device(torch_device)
+        self._pipe, self._pipe_epoch = None, None
+        self._saved = None  # (epoch, DALI checkpoint) handed over by load_state_dict, used at the next build
 
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def _pipeline(self):
-        if self._pipe is None:
-            from pipelines.pretrain import build_pretrain_pipeline
-
-            self._pipe = build_pretrain_pipeline(
-                self.files,
-                self.data,
-                self.batch_size,
-                self.device,
-                shard_id=self.rank,
-                num_shards=self.world_size,
-                device_id=self.local_rank if self.device == "gpu" else None,
-                seed=self.seed,
-                reader_seed=self.reader_seed,
-                checkpoint=self._checkpoint,
-                labels=self.labels,
-            )
+    def _pipeline(self, epoch: int, step: int):
+        if self._pipe_epoch != epoch:
+            order = self.files_of(epoch)
+            checkpoint = self._saved[1] if self._saved and self._saved[0] == epoch and step > 0 else None
+            self._pipe = None  # free the last epoch's pipeline before building the next
+            self._pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint)
+            self._pipe_epoch, self._saved = epoch, None
         return self._pipe
 
-    def __iter__(self):
-        if self._step >= self.steps_per_epoch:  # the last epoch was consumed without reaching StopIteration
-            self._step = 0
-        pipe = self._pipeline()
-        while self._step < self.steps_per_epoch:
-            out = pipe.run()
-            self._step += 1
-            views = (self._torch(out[0]), self._torch(out[1]))
-            if self.labels is None:
-                yield views
-            else:
-                labels = torch.from_dlpack(out[2].as_tensor()).reshape(-1).to(torch.int64)
-                yield (*views, labels.to(self.torch_device, non_blocking=True))
-        self._step = 0
+    def _batches(self, epoch: int, step: int):
+        pipe = self._pipeline(epoch, step)
+        for k in range(step, self.steps_per_epoch):
+            yield self._convert(pipe.run(), k)
 
-    def _torch(self, batch) -> torch.Tensor:
+    def _position(self, epoch: int, step: int) -> dict:
+        if step == 0:
+            return {"pipeline": None}
+        if self._pipe_epoch == epoch:
+            return {"pipeline": self._pipe.checkpoint()}
+        return {"pipeline": self._saved[1] if self._saved and self._saved[0] == epoch else None}
+
+    def _restore(self, state: dict) -> None:
+        self._pipe, self._pipe_epoch = None, None  # rebuilt lazily from the checkpoint
+        self._saved = (self.epoch, state.get("pipeline"))
+
+    def _tensor(self, batch) -> torch.Tensor:
         out = to_torch(batch)
         return out if out.device == self.torch_device else out.to(self.torch_device, non_blocking=True)
 
-    def state_dict(self) -> dict:
-        """Position after the last batch returned: {"pipeline": DALI checkpoint, "step": step in epoch}."""
-        checkpoint = self._pipe.checkpoint() if self._pipe is not None else self._checkpoint
-        return {"pipeline": checkpoint, "step": self._step % self.steps_per_epoch}
+    def _labels(self, batch) -> torch.Tensor:
+        return labels_to_torch(batch).to(self.torch_device, non_blocking=True)
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``: the next batch is the one that followed when it was saved."""
-        self._pipe = None  # rebuilt lazily from the checkpoint
-        self._checkpoint = state["pipeline"]
-        self._step = int(state["step"])
+
+class DaliTwoViewLoader(_DaliLoader):
+    """BYOL's two views (``pipelines.pretrain``): batches (view1, view2), each float32 (N, 3, H, W),
+    or (view1, view2, labels int64 (N,)) when ``labels`` are given (the online probe).
+
+    batch_size is per rank. device: "cpu" (DALI on the CPU, no GPU needed) or "gpu" (nvJPEG + GPU ops
+    on cuda:local_rank). Tensors land on ``torch_device`` (moved only when DALI made them elsewhere).
+    """
+
+    def __init__(self, files, data: DataConfig, reader: ReaderConfig, batch_size: int, device: str, shard: Shard,
+                 seed: int, torch_device: torch.device, labels=None):
+        super().__init__(files, labels, batch_size, device, shard, seed, torch_device, train=True)
+        self.data, self.reader = data, reader
+
+    def _build(self, order, seed, checkpoint):
+        from pipelines.pretrain import build_pretrain_pipeline
+
+        labels = None if self.labels is None else [self.labels[i] for i in order]
+        return build_pretrain_pipeline([self.files[i] for i in order], self.data, self.reader, self.batch_size,
+                                       self.device, self.shard.local_rank if self.device == "gpu" else None,
+                                       seed, checkpoint, labels)
+
+    def _convert(self, out, k):
+        views = (self._tensor(out[0]), self._tensor(out[1]))
+        return views if self.labels is None else (*views, self._labels(out[2]))
+
+
+class DaliEvalLoader(_DaliLoader):
+    """Linear evaluation's and the kNN monitor's images (``pipelines.evaluation``): batches
+    (images float32 (N, 3, S, S) channels_last, labels int64 (N,)).
+
+    train=True: random resized crop + flip, a new partition of the files every epoch. train=False:
+    resize + center crop, every file of the rank's block once per epoch in order; the list is padded
+    to whole batches with repeats of its last file, and the padding is cut off here.
+    """
+
+    def __init__(self, files, labels, train: bool, data: LinearDataConfig, reader: ReaderConfig, batch_size: int,
+                 device: str, shard: Shard, seed: int, torch_device: torch.device):
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        super().__init__(files, labels, batch_size, device, shard, seed, torch_device, train)
+        self.data, self.reader = data, reader
+        self._real = len(self.files_of(0))  # files of this rank before padding (evaluation)
+
+    def _build(self, order, seed, checkpoint):
+        from pipelines.evaluation import build_eval_pipeline
+
+        slots = self.steps_per_epoch * self.batch_size
+        order = order + [order[-1] if order else 0] * (slots - len(order))
+        return build_eval_pipeline([self.files[i] for i in order], [self.labels[i] for i in order], self.data,
+                                   self.reader, self.train, self.batch_size, self.device,
+                                   self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint)
+
+    def _convert(self, out, k):
+        images, labels = self._tensor(out[0]), self._labels(out[1])
+        if not self.train:  # cut the padding
+            keep = max(0, min(self.batch_size, self._real - k * self.batch_size))
+            images, labels = images[:keep], labels[:keep]
+        return images, labels

@@ -39,86 +39,9 @@ import numpy as np
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline, do_not_convert
 
-from byol_fast.config import DataConfig, ViewConfig
-from byol_fast.constants import LUMA
-
-INTERP = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}
-
-# ImageNet holds images up to about 6000 x 6000: size the nvJPEG buffers once so that the decoder
-# does not reallocate mid-training (the values of DALI's ResNet-50 example).
-_HW_DECODER_HINTS = dict(
-    device_memory_padding=211_025_920,
-    host_memory_padding=140_544_512,
-    preallocate_width_hint=5980,
-    preallocate_height_hint=6430,
-)
-
-# Columns of the per-sample uniform draw that decides a view's colour ops (see colour_matrices).
-JITTER_FIRE, BRIGHTNESS, CONTRAST, SATURATION, HUE = range(5)
-ORDER = slice(5, 9)  # four uniforms whose argsort is the order of (brightness, contrast, saturation, hue)
-GRAY_FIRE = 9
-NUM_UNIFORMS = 10
-
-
-# ---------------------------------------------------------------------------- colour matrices
-
-
-def _factor(u: np.ndarray, strength: float) -> np.ndarray:
-    """Uniforms (N,) -> factors uniform in [max(0, 1 - s), 1 + s] (torchvision's ColorJitter range)."""
-    lo, hi = max(0.0, 1.0 - strength), 1.0 + strength
-    return lo + (hi - lo) * u
-
-
-def grey_axis_rotation(theta: np.ndarray) -> np.ndarray:
-    """Angles (N,) in radians -> (N, 3, 3) rotations of RGB about (1, 1, 1), right-handed (Rodrigues)."""
-    k = np.full(3, 1.0 / np.sqrt(3.0))
-    cross = np.array([[0.0, -k[2], k[1]], [k[2], 0.0, -k[0]], [-k[1], k[0], 0.0]])
-    cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
-    return cos * np.eye(3) + sin * cross + (1.0 - cos) * np.outer(k, k)
-
-
-def colour_matrices(u: np.ndarray, view: ViewConfig) -> tuple[np.ndarray, np.ndarray]:
-    """Uniforms (N, NUM_UNIFORMS) -> (A, D), float32 (N, 3, 4): jitter then grayscale is ``A x + D mu``.
-
-    x is a pixel's RGB column, mu the image's per-channel mean; the last column of A and D is zero
-    (the [M | T] form of fn.coord_transform). Brightness (b I), saturation (s I + (1 - s) J, J the
-    grey projection) and hue (a rotation about the grey axis) are linear in the pixel. Contrast,
-    ``c x + (1 - c) grey(mean)``, scales the pixel by c and maps the image mean by c I + (1 - c) J.
-    A is the product of the pixel maps and C of the mean maps, both in the drawn order; then
-    ``out = A x + (C - A) mu`` and D = C - A.
-    """
-    n = len(u)
-    fire = u[:, JITTER_FIRE] < view.jitter_p
-    b = np.where(fire, _factor(u[:, BRIGHTNESS], view.brightness), 1.0)
-    c = np.where(fire, _factor(u[:, CONTRAST], view.contrast), 1.0)
-    s = np.where(fire, _factor(u[:, SATURATION], view.saturation), 1.0)
-    theta = np.where(fire, (2.0 * u[:, HUE] - 1.0) * view.hue * 2.0 * np.pi, 0.0)  # hue 0.1 = +-36 degrees
-
-    eye = np.broadcast_to(np.eye(3), (n, 3, 3))
-    grey = np.broadcast_to(np.outer(np.ones(3), LUMA), (n, 3, 3))
-    col = lambda f: f[:, None, None]  # noqa: E731  (N,) -> (N, 1, 1)
-    saturation = col(s) * eye + col(1.0 - s) * grey
-    hue = grey_axis_rotation(theta)
-    pixel_ops = np.stack([col(b) * eye, col(c) * eye, saturation, hue], axis=1)  # (N, 4, 3, 3)
-    mean_ops = np.stack([col(b) * eye, col(c) * eye + col(1.0 - c) * grey, saturation, hue], axis=1)
-
-    order = np.argsort(u[:, ORDER], axis=1)  # a uniform random permutation: torchvision's randperm(4)
-    a, m = eye.copy(), eye.copy()
-    for k in range(4):
-        pick = order[:, k, None, None, None]
-        a = np.take_along_axis(pixel_ops, pick, axis=1)[:, 0] @ a
-        m = np.take_along_axis(mean_ops, pick, axis=1)[:, 0] @ m
-
-    gray = col(u[:, GRAY_FIRE] < view.grayscale_p)
-    g = np.where(gray, grey, eye)
-    a, m = g @ a, g @ m
-    return _affine(a), _affine(m - a)
-
-
-def _affine(m: np.ndarray) -> np.ndarray:
-    """(N, 3, 3) -> float32 (N, 3, 4) with a zero translation column."""
-    return np.concatenate([m, np.zeros((len(m), 3, 1))], axis=2).astype(np.float32)
-
+from byol_fast.config import DataConfig, ReaderConfig, ViewConfig
+from pipelines.colour import NUM_UNIFORMS, colour_matrices
+from pipelines.decode import INTERP, build, decode, normalise, read_files
 
 @do_not_convert  # keep AutoGraph (enable_conditionals) away from plain numpy code
 def _colour_function(view: ViewConfig):
@@ -193,96 +116,27 @@ def augment_view(img, view: ViewConfig, data: DataConfig):
     return normalise(crop, data, mirror=flip)
 
 
-def normalise(images, data, mirror=0, crop=None):
-    """uint8 HWC -> float32 HWC, optionally mirrored and center-cropped to ``crop`` (h, w), normalised
-    by ``data.mean``/``data.std`` given on [0, 1] pixels: the last op of every pipeline here."""
-    extra = {} if crop is None else dict(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5)
-    return fn.crop_mirror_normalize(
-        images,
-        mirror=mirror,
-        mean=[255.0 * m for m in data.mean],
-        std=[255.0 * s for s in data.std],
-        dtype=types.FLOAT,
-        output_layout="HWC",
-        **extra,
-    )
-
-
-def decode(jpegs, data: DataConfig, device: str):
-    """Encoded files -> uint8 HWC RGB images, on the CPU ("cpu") or the GPU via nvJPEG ("gpu")."""
-    if device == "gpu":
-        return fn.decoders.image(
-            jpegs, device="mixed", output_type=types.RGB, hw_decoder_load=data.hw_decoder_load, **_HW_DECODER_HINTS
-        )
-    if device == "cpu":
-        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-    raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-
-
-def two_view_graph(jpegs, data: DataConfig, device: str):
+def two_view_graph(jpegs, data: DataConfig, reader: ReaderConfig, device: str):
     """Encoded files -> (view1, view2): each a float32 HWC batch, both crops of one decoded image."""
-    img = decode(jpegs, data, device)
+    img = decode(jpegs, reader, device)
     return augment_view(img, data.view1, data), augment_view(img, data.view2, data)
 
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-def _pretrain_pipeline(files, data: DataConfig, device: str, shard_id: int, num_shards: int, reader_seed: int,
-                       labels=None):
-    # ``files`` are in pipelines.loader.epoch_order: shuffled and cut to whole batches on every
-    # shard. shuffle_after_epoch reshuffles the whole list between epochs, identically on every
-    # shard, so each epoch the shards partition it (random_shuffle would only mix a buffer of
-    # initial_fill samples inside a shard, and shard edges drift across epochs).
-    jpegs, label = fn.readers.file(
-        files=list(files),
-        labels=None if labels is None else list(labels),
-        shard_id=shard_id,
-        num_shards=num_shards,
-        shuffle_after_epoch=True,
-        seed=reader_seed,
-        name="Reader",
-    )
-    views = two_view_graph(jpegs, data, device)
+def _pretrain_pipeline(files, labels, data: DataConfig, reader: ReaderConfig, device: str):
+    jpegs, label = read_files(files, labels)
+    views = two_view_graph(jpegs, data, reader, device)
     return views if labels is None else (*views, label)
 
 
-def build_pretrain_pipeline(
-    files: list[str],
-    data: DataConfig,
-    batch_size: int,
-    device: str,
-    shard_id: int,
-    num_shards: int,
-    device_id: int | None,
-    seed: int,
-    checkpoint: bytes | str | None = None,
-    reader_seed: int | None = None,
-    labels: list[int] | None = None,
-) -> Pipeline:
-    """The two-view pipeline of one rank, built.
+def build_pretrain_pipeline(files: list[str], data: DataConfig, reader: ReaderConfig, batch_size: int, device: str,
+                            device_id: int | None, seed: int, checkpoint: str | None = None,
+                            labels: list[int] | None = None) -> Pipeline:
+    """The two-view pipeline over ``files`` in the order given, built.
 
-    shard_id = global rank, num_shards = world size, device_id = local rank (None for device="cpu"),
-    seed = base seed + rank. ``checkpoint`` (from ``Pipeline.checkpoint()``) resumes exactly where
-    that pipeline was. ``run()`` returns (view1, view2), each ``batch_size`` float32 HWC samples, and
-the int32 class labels (on the CPU) as a third output when ``labels`` (one per file) are given.
+    device_id = local rank (None for device="cpu"). ``run()`` returns (view1, view2), each
+    ``batch_size`` float32 HWC samples, and the int32 class labels (on the CPU) as a third output
+    when ``labels`` (one per file) are given. ``checkpoint`` resumes a pipeline exactly.
     """
-    if device == "cpu" and device_id is not None:
-        raise ValueError("device='cpu' runs without a GPU: pass device_id=None")
-    if device == "gpu" and device_id is None:
-        raise ValueError("device='gpu' needs device_id (the local rank)")
-    pipe = _pretrain_pipeline(
-        files=files,
-        data=data,
-        device=device,
-        shard_id=shard_id,
-        num_shards=num_shards,
-        reader_seed=seed if reader_seed is None else reader_seed,
-        batch_size=batch_size,
-        num_threads=max(1, data.num_threads),
-        device_id=device_id,
-        seed=seed,
-        prefetch_queue_depth=data.prefetch,
-        checkpoint=checkpoint,
-        labels=labels,
-    )
-    pipe.build()
-    return pipe
+    return build(_pretrain_pipeline, reader, batch_size, device, device_id, seed, checkpoint,
+                 files=files, labels=labels, data=data)

@@ -1,11 +1,16 @@
-"""The BYOL recipe with torchvision transforms on PIL images: the baseline loader and the test oracle.
+"""The recipes with torchvision transforms on PIL images: the baseline loaders and the tests' oracle.
 
-Same knobs as the DALI graph (:mod:`pipelines.pretrain`), applied the way the PyTorch ports of BYOL
-do: ``RandomResizedCrop(bicubic) -> flip -> RandomApply(ColorJitter) -> RandomGrayscale ->
-RandomApply(GaussianBlur) -> RandomSolarize (uint8) -> ToTensor -> Normalize``.
+Same knobs as the DALI graphs, applied the way the PyTorch ports of BYOL do:
 
-Each sample's randomness is seeded from (seed, epoch, index), so a batch does not depend on the
-number of workers or on which worker made it.
+- two views (``pipelines.pretrain``'s recipe): ``RandomResizedCrop(bicubic) -> flip ->
+  RandomApply(ColorJitter) -> RandomGrayscale -> RandomApply(GaussianBlur) -> RandomSolarize (uint8)
+  -> ToTensor -> Normalize``;
+- evaluation (``pipelines.evaluation``'s): random resized crop + flip for training, resize + center
+  crop for validation.
+
+Both loaders follow the loader contract (``pipelines.contract``). Each sample's randomness is seeded
+from (seed, epoch, file index), so a batch depends only on which files it holds: not on the number
+of workers, not on which worker made it, and a resumed epoch gives the same batches.
 """
 from __future__ import annotations
 
@@ -14,8 +19,8 @@ import torch.utils.data
 from PIL import Image
 from torchvision import transforms as T
 
-from byol_fast.config import DataConfig, ViewConfig
-from pipelines.loader import steps_per_epoch
+from byol_fast.config import DataConfig, LinearDataConfig, ViewConfig
+from pipelines.contract import EpochLoader, Shard
 
 INTERP = {"cubic": T.InterpolationMode.BICUBIC, "linear": T.InterpolationMode.BILINEAR}
 
@@ -48,59 +53,75 @@ class TwoViewTransform:
         return self.view1(img), self.view2(img)
 
 
-class _TwoViewFiles(torch.utils.data.Dataset):
-    """files[i] -> (view1, view2), with torch's RNG seeded by (seed, epoch, i) for this sample only."""
+def eval_transform(data: LinearDataConfig, train: bool) -> T.Compose:
+    """PIL image -> normalised float32 (3, S, S): the linear-evaluation protocol's crops."""
+    if train:
+        geometry = [T.RandomResizedCrop(data.image_size, scale=data.crop_area, interpolation=INTERP[data.interp]),
+                    T.RandomHorizontalFlip()]
+    else:
+        geometry = [T.Resize(data.resize, interpolation=INTERP[data.interp]), T.CenterCrop(data.image_size)]
+    return T.Compose(geometry + [T.ToTensor(), T.Normalize(data.mean, data.std)])
 
-    def __init__(self, files: list[str], transform: TwoViewTransform, seed: int, labels=None):
-        self.files, self.transform, self.seed, self.labels = list(files), transform, seed, labels
-        self.epoch = 0
+
+class _Samples(torch.utils.data.Dataset):
+    """files[order[j]] -> the transform's tensors (and its label), with torch's RNG seeded by
+    (seed, epoch, file index) for this sample only."""
+
+    def __init__(self, files, labels, order, transform, seed: int, epoch: int):
+        self.files, self.labels, self.order, self.transform = files, labels, order, transform
+        self.seed, self.epoch = seed, epoch
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.order)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, j: int):
+        i = self.order[j]
         with Image.open(self.files[i]) as f:
             img = f.convert("RGB")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF_FFFF_FFFF)
-            views = self.transform(img)
-        return views if self.labels is None else (*views, self.labels[i])
+            out = self.transform(img)
+        out = out if isinstance(out, tuple) else (out,)
+        return out if self.labels is None else (*out, self.labels[i])
 
 
-class TorchvisionTwoViewLoader:
-    """The PIL/torchvision baseline with the DALI loader's interface: ``steps_per_epoch`` pairs per epoch.
+class _PilLoader(EpochLoader):
+    """A DataLoader over the rank's files of each epoch (``rank_files``), ``workers`` processes."""
 
-    Sharded like DistributedSampler (a permutation per epoch seeded by seed + epoch, the same on every
-    rank; rank r takes every world_size-th index), batches of batch_size per rank, view tensors
-    float32 (N, 3, H, W) on the CPU (contiguous NCHW).
-    """
+    def __init__(self, files, labels, transform, batch_size: int, shard: Shard, seed: int, train: bool,
+                 workers: int, image_size: int):
+        super().__init__(len(files), batch_size, shard, seed, train)
+        self.files, self.labels, self.transform = list(files), None if labels is None else list(labels), transform
+        self.workers, self.image_size = workers, image_size
 
-    def __init__(self, files, data: DataConfig, batch_size: int, workers: int, rank: int, world_size: int, seed: int,
-                 labels=None):
-        self.steps_per_epoch = steps_per_epoch(len(files), batch_size, world_size)
-        self.dataset = _TwoViewFiles(files, TwoViewTransform(data), seed, labels)
-        self.sampler = torch.utils.data.DistributedSampler(
-            self.dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-        self.loader = torch.utils.data.DataLoader(
-            self.dataset,
-            batch_size=batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            drop_last=True,
-            persistent_workers=False,
-            prefetch_factor=4 if workers > 0 else None,
-        )
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return self.steps_per_epoch
-
-    def __iter__(self):
-        self.sampler.set_epoch(self.epoch)
-        self.dataset.epoch = self.epoch  # copied into the workers when they start, once per epoch
-        # DistributedSampler(drop_last) + DataLoader(drop_last) give floor(floor(N/W)/B) = floor(N/(WB))
-        # batches: exactly steps_per_epoch.
-        for batch in self.loader:
+    def _batches(self, epoch: int, step: int):
+        order = self.files_of(epoch)[step * self.batch_size:]
+        dataset = _Samples(self.files, self.labels, order, self.transform, self.seed, epoch)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False,
+                                             num_workers=self.workers, persistent_workers=False,
+                                             prefetch_factor=4 if self.workers > 0 else None)
+        done = step
+        for batch in loader:
+            done += 1
             yield tuple(batch)
-        self.epoch += 1
+        for _ in range(done, self.steps_per_epoch):  # evaluation: a rank whose block ran out
+            yield torch.zeros(0, 3, self.image_size, self.image_size), torch.zeros(0, dtype=torch.int64)
+
+
+class TorchvisionTwoViewLoader(_PilLoader):
+    """The PIL/torchvision baseline of ``pipelines.loader.DaliTwoViewLoader``: batches (view1, view2
+    [, labels]) of float32 (N, 3, H, W) on the CPU (contiguous NCHW), ``workers`` DataLoader processes."""
+
+    def __init__(self, files, data: DataConfig, batch_size: int, workers: int, shard: Shard, seed: int, labels=None):
+        super().__init__(files, labels, TwoViewTransform(data), batch_size, shard, seed, True, workers,
+                         data.image_size)
+
+
+class TorchvisionEvalLoader(_PilLoader):
+    """The PIL/torchvision baseline of ``pipelines.loader.DaliEvalLoader``: batches (images float32
+    (N, 3, S, S), labels int64 (N,)) on the CPU."""
+
+    def __init__(self, files, labels, train: bool, data: LinearDataConfig, batch_size: int, workers: int,
+                 shard: Shard, seed: int):
+        super().__init__(files, labels, eval_transform(data, train), batch_size, shard, seed, train, workers,
+                         data.image_size)

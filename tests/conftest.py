@@ -33,13 +33,13 @@ def write_noise_jpegs(root: Path, count: int = 16, seed: int = 0) -> Path:
     return root
 
 
-from byol_fast.config import ModelConfig, ViewConfig  # noqa: E402
+from byol_fast.config import ModelConfig, ReaderConfig, ViewConfig  # noqa: E402
 
 # The small network of the CPU tests, as a ModelConfig and as command-line overrides.
 SMALL = ModelConfig(backbone="resnet18", projector_hidden=32, projector_out=16, predictor_hidden=32)
 TINY_MODEL = [f"--model.{k}={v}" for k, v in dataclasses.asdict(SMALL).items()]
 # A pretraining run of it that takes seconds on the CPU: 32-pixel views, small blur windows, every step logged.
-TINY_RUN = TINY_MODEL + ["--data.image_size=32", "--data.num_threads=1", "--data.view1.blur_kernel=3",
+TINY_RUN = TINY_MODEL + ["--data.image_size=32", "--reader.num_threads=1", "--data.view1.blur_kernel=3",
                          "--data.view2.blur_kernel=3", "--log_every=1"]
 # Environment of a byol_fast child process (python -m byol_fast.train, torchrun): one thread, this checkout.
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
@@ -54,6 +54,7 @@ def ddp_env(rank: int, world: int, port: int) -> None:
 
 # Shared by the pipeline and augmentation-statistics tests.
 
+READER = ReaderConfig(num_threads=2)  # two DALI threads: the CI machine's cores
 IDENTITY = ViewConfig(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0,
                       blur_p=0.0, solarize_p=0.0)  # a view that returns the (normalised) image unchanged
 

@@ -16,17 +16,17 @@ import torch
 from PIL import Image
 
 from byol_fast.config import DataConfig
-from conftest import IDENTITY, save, smooth_texture
+from conftest import IDENTITY, READER, save, smooth_texture
 from pipelines.pretrain import build_pretrain_pipeline
 from pipelines.reference import TwoViewTransform
 
 S = 32
-RECIPE = DataConfig(image_size=S, num_threads=2)  # the paper's probabilities and strengths
+RECIPE = DataConfig(image_size=S)  # the paper's probabilities and strengths
 
 
 def dali_views(files, data, n, seed=0, device="cpu"):
     """n samples of (view1, view2) from the pipeline on ``device``, numpy float32 (n, S, S, 3) each."""
-    pipe = build_pretrain_pipeline(files, data, n, device, 0, 1, 0 if device == "gpu" else None, seed)
+    pipe = build_pretrain_pipeline(files, data, READER, n, device, 0 if device == "gpu" else None, seed)
     view1, view2 = pipe.run()
     if device == "gpu":
         view1, view2 = view1.as_cpu(), view2.as_cpu()

@@ -54,7 +54,8 @@ def test_exponents_without_a_dot_are_floats(tmp_path):
     (["--compile=3"], "compile"),
     (["--data.view1.crop_area=[0.1]"], "data.view1.crop_area"),
     (["--precision=fp8"], "precision"),
-    (["--data.loader=pil"], "data.loader"),
+    (["--reader.loader=pil"], "reader.loader"),
+    (["--data.loader=dali"], "reader.loader"),  # moved: the message says where to
     (["--optim=1"], "optim"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, key):

@@ -1,8 +1,9 @@
-"""Tests of byol_fast.data: file checks, the index and its cache, the demo dataset, the CLI.
+"""Tests of the data path: file checks (byol_fast.image_check), the index and its cache
+(byol_fast.index, byol_fast.index_file), the demo dataset (byol_fast.demo_data), the CLI (byol_fast.data).
 
-Every kind of file REFERENCE.md section 3 warns about is generated small here and must end up
-kept (with its real kind) or skipped (with its reason); labels are checked against torchvision's
-ImageFolder, an independent implementation of the same layout rules.
+Every kind of file byol_fast/REFERENCE.md section 3 warns about is generated small here and must
+end up kept (with its real kind) or skipped (with its reason); labels are checked against
+torchvision's ImageFolder, an independent implementation of the same layout rules.
 """
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ import pytest
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from byol_fast import data
-from byol_fast.data import DatasetError, build_index, ensure_demo_dataset, load_index, make_demo_dataset
+from byol_fast import data, demo_data, image_check, index_file
+from byol_fast import index as index_module
+from byol_fast.demo_data import ensure_demo_dataset, make_demo_dataset
+from byol_fast.index import DatasetError, Index, build_index, load_index
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +116,7 @@ def kinds_tree(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def kinds_index(kinds_tree) -> data.Index:
+def kinds_index(kinds_tree) -> Index:
     return build_index(kinds_tree, workers=1, cache=False, progress=False)
 
 
@@ -225,7 +228,7 @@ def test_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
                 continue
             yield entry
 
-    monkeypatch.setattr(data.os, "walk", walk_failing_in_sub)
+    monkeypatch.setattr(index_module.os, "walk", walk_failing_in_sub)
     index = build_index(root, workers=1, cache=False, progress=False)
     reason = dict(index.skipped)[str(root / "b" / "sub")]
     assert reason == "unreadable: cannot list folder (Permission denied)"
@@ -305,7 +308,7 @@ def test_second_scan_decodes_nothing(tmp_path, monkeypatch):
     def must_not_decode(*args, **kwargs):
         raise AssertionError("decoded a file whose verdict was cached")
 
-    monkeypatch.setattr(data, "check_image", must_not_decode)
+    monkeypatch.setattr(image_check, "check_image", must_not_decode)
     written = Path(first.index_path).stat().st_mtime_ns
     second = build_index(root, workers=1, progress=False)
     assert (second.checked, second.reused) == (0, 7)
@@ -336,7 +339,7 @@ def test_cache_ignored_when_max_pixels_changes_or_file_is_garbage(tmp_path):
 def test_read_only_dataset_indexes_into_home_cache(tmp_path, monkeypatch):
     root = _small_tree(tmp_path / "data")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_writable", lambda folder: False)
+    monkeypatch.setattr(index_file, "_writable", lambda folder: False)
     index = build_index(root, workers=1, progress=False)
     assert Path(index.index_path).parent == tmp_path / "cache" / "byol_fast"
     assert not (root / ".byol_index.json").exists()
@@ -424,7 +427,7 @@ def test_demo_classes_differ_in_grayscale_structure(tmp_path):
 def test_ensure_demo_dataset_is_idempotent_and_atomic(tmp_path, monkeypatch):
     root = tmp_path / "demo"
     kw = dict(num_classes=2, train_per_class=2, val_per_class=1)
-    real_write = data._write_demo_class
+    real_write = demo_data._write_demo_class
     calls = []
 
     def crash_on_second_class(*args, **kwargs):
@@ -433,11 +436,11 @@ def test_ensure_demo_dataset_is_idempotent_and_atomic(tmp_path, monkeypatch):
             raise KeyboardInterrupt  # an interrupted run
         real_write(*args, **kwargs)
 
-    monkeypatch.setattr(data, "_write_demo_class", crash_on_second_class)
+    monkeypatch.setattr(demo_data, "_write_demo_class", crash_on_second_class)
     with pytest.raises(KeyboardInterrupt):
         ensure_demo_dataset(root, **kw)
     assert not root.exists() and list(tmp_path.iterdir()) == []  # no half dataset, no leftovers
-    monkeypatch.setattr(data, "_write_demo_class", real_write)
+    monkeypatch.setattr(demo_data, "_write_demo_class", real_write)
     ensure_demo_dataset(root, **kw)
     first = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
     assert ensure_demo_dataset(root, **kw) == root

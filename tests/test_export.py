@@ -7,6 +7,7 @@ import torch
 import torchvision
 
 from byol_fast import export
+from byol_fast import checkpoint
 from byol_fast.checkpoint import CheckpointError
 from byol_fast.config import to_dict, Config
 from byol_fast.features import infer_backbone, load_encoder, load_feature_extractor, read_encoder_weights
@@ -66,6 +67,7 @@ def test_export_loads_into_torchvision_with_only_fc_missing(pretrain_ckpt, tmp_p
     assert "resnet18" in capsys.readouterr().out
     state = torch.load(out)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert checkpoint.kind_of(state) == checkpoint.ENCODER  # tagged where torchvision never looks
     images = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         got = torchvision_features(state, images)
@@ -78,7 +80,7 @@ def test_export_loads_into_torchvision_with_only_fc_missing(pretrain_ckpt, tmp_p
 def test_export_target_and_torchscript(pretrain_ckpt, tmp_path):
     path, model = pretrain_ckpt
     out = tmp_path / "target.pt"
-    written = export.export_encoder(path, out, which="target", torchscript=True)
+    written = export.export_encoder(read_encoder_weights(path, "target"), path, out, torchscript=True)
     assert written == [out, tmp_path / "target.torchscript.pt"]
     images01 = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
@@ -98,7 +100,7 @@ def test_export_target_and_torchscript(pretrain_ckpt, tmp_path):
 def test_feature_api_reads_checkpoint_and_export_alike(pretrain_ckpt, tmp_path):
     path, model = pretrain_ckpt
     out = tmp_path / "encoder.pt"
-    export.export_encoder(path, out)
+    export.export_encoder(read_encoder_weights(path), path, out)
     images01 = torch.rand(5, 3, 48, 48)
     from_ckpt = load_feature_extractor(path)
     from_export = load_feature_extractor(out)

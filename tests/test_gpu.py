@@ -6,7 +6,8 @@ from PIL import Image
 from byol_fast import train
 from byol_fast.config import load_config
 from byol_fast.dist import DistInfo
-from byol_fast.learner import Learner, resolve_precision
+from byol_fast.learner import Learner
+from byol_fast.runtime import resolve_precision
 
 pytestmark = pytest.mark.gpu
 TINY = ["--model.backbone=resnet18", "--model.projector_hidden=64", "--model.projector_out=32",
@@ -16,7 +17,7 @@ TINY = ["--model.backbone=resnet18", "--model.projector_hidden=64", "--model.pro
 def test_auto_precision_is_bf16_on_modern_gpus():
     cfg = load_config(None, [])
     expected = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16  # Ampere and later
-    assert resolve_precision(cfg, torch.device("cuda")) == expected
+    assert resolve_precision(cfg.precision, torch.device("cuda")) == expected
 
 
 def test_mixed_precision_step_matches_fp32_direction():
@@ -45,7 +46,7 @@ def test_pretrain_with_gpu_pipeline(tmp_path, capsys):
         pixels = (torch.rand(80, 96, 3, generator=g) * 255).to(torch.uint8).numpy()
         Image.fromarray(pixels).save(root / f"c{i % 2}" / f"{i}.jpg", quality=90)
     args = TINY + [f"--data.path={root}", f"--out_dir={tmp_path / 'run'}", "--optim.batch_size=16",
-                   "--data.image_size=64", "--data.decode=gpu", "--max_steps=4", "--log_every=2", "--epochs=2"]
+                   "--data.image_size=64", "--reader.decode=gpu", "--max_steps=4", "--log_every=2", "--epochs=2"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "cuda" in out and "step 4/" in out

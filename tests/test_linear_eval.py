@@ -14,7 +14,7 @@ from byol_fast.model import BYOL
 from byol_fast.schedules import scaled_lr
 from conftest import ROOT, SMALL, ddp_env
 
-FAST = ["--data.image_size=32", "--data.resize=36", "--data.num_threads=0", "--data.loader=torchvision",
+FAST = ["--data.image_size=32", "--data.resize=36", "--reader.num_threads=0", "--reader.loader=torchvision",
         "--batch_size=8", "--log_every=1"]
 
 
@@ -111,7 +111,7 @@ def test_images_mode(data_root, pretrain_ckpt, tmp_path, loader):
         pytest.importorskip("nvidia.dali")
     out = tmp_path / loader
     assert run("--checkpoint", pretrain_ckpt, "--data", data_root, f"--out_dir={out}", *FAST, "--epochs=1",
-               f"--data.loader={loader}", "--device=cpu") == 0
+               f"--reader.loader={loader}", "--device=cpu") == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["final"]["val_images"] == 12 and doc["train_images"] == 24
 

@@ -10,7 +10,7 @@ from byol_fast.optim import LARS, param_groups
 
 
 def reference_lars(weights, grads_per_step, lr, wd, eta, momentum, adapted):
-    """BYOL's LARS, one tensor at a time in float64 Python-level math (REFERENCE.md section 1)."""
+    """BYOL's LARS, one tensor at a time in float64 Python-level math (byol_fast/REFERENCE.md section 1)."""
     w = [x.double().clone() for x in weights]
     buf = [torch.zeros_like(x) for x in w]
     for grads in grads_per_step:

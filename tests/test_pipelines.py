@@ -14,12 +14,11 @@ import pytest
 import torch
 import torchvision.transforms.functional as TF
 
-from byol_fast.config import DataConfig, ViewConfig
-from byol_fast.linear_eval import LinearDataConfig
-from conftest import IDENTITY, save, smooth_texture
-from pipelines import pretrain
-from pipelines.linear_eval import DaliLinearLoader, shard_size
-from pipelines.loader import DaliTwoViewLoader, steps_per_epoch
+from byol_fast.config import DataConfig, LinearDataConfig, ViewConfig
+from conftest import IDENTITY, READER, save, smooth_texture
+from pipelines import colour
+from pipelines.contract import Shard, steps_per_epoch
+from pipelines.loader import DaliEvalLoader, DaliTwoViewLoader
 from pipelines.pretrain import build_pretrain_pipeline
 
 S = 32  # output side of the op tests, and the side of their square PNGs
@@ -29,7 +28,7 @@ LEVEL = 1.0 / (255.0 * STD.min())  # one uint8 step, normalised
 
 
 def data_config(view1=IDENTITY, view2=IDENTITY, **kw) -> DataConfig:
-    return DataConfig(**{"image_size": S, "num_threads": 2, "view1": view1, "view2": view2, **kw})
+    return DataConfig(**{"image_size": S, "view1": view1, "view2": view2, **kw})
 
 
 def only(**kw) -> ViewConfig:
@@ -37,9 +36,9 @@ def only(**kw) -> ViewConfig:
     return dataclasses.replace(IDENTITY, **kw)
 
 
-def run_views(files, data, batch_size, seed=0, shard=(0, 1)):
+def run_views(files, data, batch_size, seed=0):
     """One batch of the CPU pipeline -> (view1, view2) as numpy float32 (N, S, S, 3)."""
-    pipe = build_pretrain_pipeline(files, data, batch_size, "cpu", shard[0], shard[1], None, seed)
+    pipe = build_pretrain_pipeline(files, data, READER, batch_size, "cpu", None, seed)
     view1, view2 = pipe.run()
     return view1.as_array(), view2.as_array()
 
@@ -81,8 +80,8 @@ def images(tmp_path_factory):
 
 
 def test_loader_shapes_layout_and_epochs(images):
-    data = DataConfig(image_size=S, num_threads=2)  # the paper's recipe
-    loader = DaliTwoViewLoader(images["jpegs"], data, 4, "cpu", 0, 1, 0, 0, torch.device("cpu"))
+    data = DataConfig(image_size=S)  # the paper's recipe
+    loader = DaliTwoViewLoader(images["jpegs"], data, READER, 4, "cpu", Shard(), 0, torch.device("cpu"))
     assert loader.steps_per_epoch == len(loader) == 4
     for epoch in range(2):
         batches = list(loader)
@@ -102,7 +101,7 @@ def test_steps_per_epoch_is_the_same_on_every_rank_and_rejects_too_few_files():
 
 
 def test_same_seed_same_batches_other_seed_other_batches(images):
-    data = DataConfig(image_size=S, num_threads=2)
+    data = DataConfig(image_size=S)
     a = run_views(images["jpegs"], data, 8, seed=3)
     b = run_views(images["jpegs"], data, 8, seed=3)
     c = run_views(images["jpegs"], data, 8, seed=4)
@@ -116,54 +115,15 @@ def file_ids(batch: np.ndarray) -> list[int]:
     return [int(round((g - 8) / 15)) for g in grey]
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_every_epoch_partitions_the_files_over_the_ranks(images, world):
-    """16 files, batch 2 per rank: each epoch the ranks read disjoint files, together every kept file
-    once (all but fewer than one global batch), in the same number of steps; reshuffled between epochs."""
-    batch, steps = 2, 16 // (2 * world)
-    loaders = [DaliTwoViewLoader(images["greys"], data_config(), batch, "cpu", r, world, 0, 5, torch.device("cpu"))
-               for r in range(world)]
-    assert all(loader.steps_per_epoch == steps for loader in loaders)
-    epochs = []
-    for _ in range(3):
-        per_rank = [[i for view1, _ in loader for i in file_ids(view1.permute(0, 2, 3, 1).numpy())]
-                    for loader in loaders]
-        assert all(len(ids) == steps * batch for ids in per_rank)
-        everything = [i for ids in per_rank for i in ids]
-        assert len(set(everything)) == len(everything) == steps * batch * world  # no file twice
-        epochs.append(per_rank)
-    kept = [sorted(i for ids in e for i in ids) for e in epochs]
-    assert kept[0] == kept[1] == kept[2]  # the same files every epoch: nothing missed for good but the cut
-    assert 16 - len(kept[0]) < batch * world
-    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled between epochs (order, and shards)
-
-
 def test_probe_labels_stay_with_their_files(images):
     """Labels (for the online probe) follow their files through the shuffled, cut epoch order."""
-    loader = DaliTwoViewLoader(images["greys"], data_config(), 3, "cpu", 0, 1, 0, 5, torch.device("cpu"),
+    loader = DaliTwoViewLoader(images["greys"], data_config(), READER, 3, "cpu", Shard(), 5, torch.device("cpu"),
                                labels=list(range(16)))
     for _ in range(2):
         for view1, view2, labels in loader:
             assert labels.dtype == torch.int64
             assert file_ids(view1.permute(0, 2, 3, 1).numpy()) == labels.tolist()
             assert file_ids(view2.permute(0, 2, 3, 1).numpy()) == labels.tolist()
-
-
-def test_state_dict_resumes_mid_epoch_exactly(images):
-    data = DataConfig(image_size=S, num_threads=2)
-    make = lambda: DaliTwoViewLoader(images["jpegs"], data, 4, "cpu", 0, 1, 0, 7, torch.device("cpu"))  # noqa: E731
-    loader, state, after = make(), None, []
-    for step, (view1, view2) in enumerate(loader):
-        if step == 1:
-            state = loader.state_dict()
-        elif step > 1:
-            after.append((view1.clone(), view2.clone()))
-    after += [(a.clone(), b.clone()) for a, b in list(loader)[:2]]  # and into the next epoch
-    resumed = make()
-    resumed.load_state_dict(state)
-    again = list(resumed) + list(resumed)[:2]
-    assert len(again) == len(after) == 4
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(after, again))
 
 
 # ---------------------------------------------------------------------------- ops, one at a time
@@ -232,7 +192,7 @@ def test_single_jitter_op_matches_torchvision_for_some_factor_in_range(images, k
     view = only(jitter_p=1.0, **{**dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0), knob: strength})
     view1, _ = run_views([images["texture_png"]] * 4, data_config(view), 4, seed=1)
     img = chw(images["texture"]).float() / 255.0
-    factors = list(np.linspace(1 - strength, 1 + strength, 161))
+    factors = list(np.linspace(1 - strength, 1 + strength, 801))  # steps of 0.001: a fit within rounding
     found = []
     for out in denormalise(view1):
         f, err = fitted(out, factors, lambda f: hwc(torchvision_op(img, f)) * 255.0)
@@ -259,7 +219,9 @@ def test_hue_is_a_grey_axis_rotation_within_the_range_that_moves_towards_torchvi
     for out in denormalise(view1):
         deg, err = fitted(out, angles, lambda d: np.clip(x @ hue_rotation(d).T, 0, 255))
         assert err <= 1.0 + 1e-3, f"no rotation within +-36 degrees reproduces the output (error {err:.2f})"
-        if abs(deg) >= 10:  # torchvision's HSV shift is not linear: the rotation only approximates it
+        # torchvision's HSV shift is not linear: the rotation only approximates it, better the larger the
+        # shift (on this texture its error is 0.84-0.87 of no shift's at 10 degrees, 0.76-0.78 at 20).
+        if abs(deg) >= 20:
             tv = hwc(TF.adjust_hue(img, deg / 360.0)) * 255.0
             assert np.abs(out - tv).mean() < 0.8 * np.abs(x - tv).mean()  # closer than no shift at all
             checked += 1
@@ -270,19 +232,19 @@ def test_colour_matrices_compose_the_ops_in_the_drawn_order_like_torchvision():
     """A x + D mu against torchvision's functional ops applied one after another (no hue: see above)."""
     view = ViewConfig(jitter_p=0.8, hue=0.0, grayscale_p=0.2)
     rng = np.random.default_rng(0)
-    u = rng.random((64, pretrain.NUM_UNIFORMS))
-    a, d = pretrain.colour_matrices(u, view)
+    u = rng.random((64, colour.NUM_UNIFORMS))
+    a, d = colour.colour_matrices(u, view)
     img = torch.from_numpy(rng.uniform(0.4, 0.6, (3, 8, 8))).float()  # mid-grey: no op clamps
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation]
     for k in range(len(u)):
         expected = img
-        if u[k, pretrain.JITTER_FIRE] < view.jitter_p:
-            factors = [0.6 + 0.8 * u[k, pretrain.BRIGHTNESS], 0.6 + 0.8 * u[k, pretrain.CONTRAST],
-                       0.8 + 0.4 * u[k, pretrain.SATURATION]]
-            for op in np.argsort(u[k, pretrain.ORDER]):
+        if u[k, colour.JITTER_FIRE] < view.jitter_p:
+            factors = [0.6 + 0.8 * u[k, colour.BRIGHTNESS], 0.6 + 0.8 * u[k, colour.CONTRAST],
+                       0.8 + 0.4 * u[k, colour.SATURATION]]
+            for op in np.argsort(u[k, colour.ORDER]):
                 if op < 3:
                     expected = ops[op](expected, float(factors[op]))
-        if u[k, pretrain.GRAY_FIRE] < view.grayscale_p:
+        if u[k, colour.GRAY_FIRE] < view.grayscale_p:
             expected = TF.rgb_to_grayscale(expected, num_output_channels=3)
         x = img.permute(1, 2, 0).double().numpy()
         mu = x.reshape(-1, 3).mean(0)
@@ -294,28 +256,9 @@ def test_colour_matrices_compose_the_ops_in_the_drawn_order_like_torchvision():
 # ---------------------------------------------------------------------------- linear evaluation
 
 
-def test_linear_eval_val_covers_every_file_once_and_every_rank_runs_the_same_steps(images):
-    files, labels = images["greys"][:5], list(range(5))
-    data = LinearDataConfig(image_size=S, num_threads=2)
-    seen, steps = [], set()
-    for rank in range(2):
-        loader = DaliLinearLoader(files, labels, False, data, 2, "cpu", rank, 2, 0, 0, torch.device("cpu"))
-        steps.add(len(loader))
-        for epoch in range(2):  # the same shard again in the next epoch
-            batches = list(loader)
-            assert len(batches) == loader.steps_per_epoch
-            got = [int(v) for _, ys in batches for v in ys]
-            assert len(got) == shard_size(5, rank, 2)
-            for x, y in batches:
-                assert x.shape[1:] == (3, S, S) and y.dtype == torch.int64
-                assert file_ids(x.permute(0, 2, 3, 1).numpy()) == y.tolist()  # image and label agree
-        seen += got
-    assert steps == {2} and sorted(seen) == labels  # ranks: 2 + 3 files; rank 0's last batch is empty
-
-
 def test_linear_eval_train_yields_full_normalised_batches(images):
-    loader = DaliLinearLoader(images["jpegs"], list(range(16)), True, LinearDataConfig(image_size=S, num_threads=2),
-                              4, "cpu", 0, 1, 0, 0, torch.device("cpu"))
+    loader = DaliEvalLoader(images["jpegs"], list(range(16)), True, LinearDataConfig(image_size=S), READER,
+                            4, "cpu", Shard(), 0, torch.device("cpu"))
     batches = list(loader)
     assert len(batches) == 4
     labels = sorted(int(y) for _, ys in batches for y in ys)

@@ -23,8 +23,33 @@ def images(tmp_path_factory):
     return write_noise_jpegs(tmp_path_factory.mktemp("imgs"), 16, seed=1)
 
 
-def train_cmd(images, out, launcher=()):
-    return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, f"--data.path={images}", f"--out_dir={out}"]
+def train_cmd(images, out, launcher=(), loader="dali"):
+    reader = ["--reader.loader=torchvision", "--reader.num_threads=0"] if loader == "torchvision" else []
+    return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, *reader, f"--data.path={images}",
+            f"--out_dir={out}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(images, tmp_path_factory):
+    """weights(loader): the final weights of an uninterrupted run with that loader (run once each)."""
+    done = {}
+
+    def get(loader: str) -> dict[str, torch.Tensor]:
+        if loader not in done:
+            out = tmp_path_factory.mktemp(f"straight_{loader}")
+            res = subprocess.run(train_cmd(images, out, loader=loader), env=CHILD_ENV, cwd=ROOT, capture_output=True,
+                                 text=True, timeout=300)
+            assert res.returncode == 0, res.stderr[-3000:]
+            done[loader] = weights(out / "last.pt")
+        return done[loader]
+
+    return get
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def kill_when(proc: subprocess.Popen, marker: str, pid_of=lambda line: None, sig=signal.SIGKILL) -> str:
@@ -49,13 +74,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, tmp_path):
-    straight = tmp_path / "straight"
-    res = subprocess.run(train_cmd(images, straight), env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-
+@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, tmp_path, uninterrupted, loader):
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(train_cmd(images, killed), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(train_cmd(images, killed, loader=loader), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     printed = kill_when(proc, "step 5/8")  # mid-epoch 3: the checkpoint of step 4 is the last complete one
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -64,17 +86,15 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
     torn = killed / ".last.pt.99999.tmp"
     torn.write_bytes(b"PK\x03\x04 half a checkpoint")
 
-    res = subprocess.run(train_cmd(images, killed), env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(train_cmd(images, killed, loader=loader), env=CHILD_ENV, cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "at step 4" in res.stdout and not torn.exists()
-    a, b = weights(straight / "last.pt"), weights(killed / "last.pt")
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+    assert_same_weights(uninterrupted(loader), weights(killed / "last.pt"))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
-def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path, sig):
+def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path, uninterrupted, sig):
     out = tmp_path / "preempted"
     proc = subprocess.Popen(train_cmd(images, out), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -86,6 +106,8 @@ def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path
     res = subprocess.run(train_cmd(images, out), env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and f"at step {stopped}" in res.stdout, res.stdout[-3000:]
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
+    # Saved mid-epoch (a DALI checkpoint of reader and random generators), resumed bit for bit.
+    assert_same_weights(uninterrupted("dali"), weights(out / "last.pt"))
 
 
 def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):

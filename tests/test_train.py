@@ -96,7 +96,7 @@ def test_knn_monitor_runs_at_epoch_ends_and_needs_a_val_split(tmp_path, capsys):
 def test_online_probe_trains_on_labels_and_resumes(images, tmp_path, capsys, loader):
     out = tmp_path / "run"
     args = TINY + [f"--data.path={images}", f"--out_dir={out}", "--optim.batch_size=8", "--monitor.probe=true",
-                   f"--data.loader={loader}", "--data.num_threads=0" if loader == "torchvision" else "--log_every=1"]
+                   f"--reader.loader={loader}", "--reader.num_threads=0" if loader == "torchvision" else "--log_every=1"]
     assert run(args + ["--max_steps=2"]) == 0
     printed = capsys.readouterr().out
     top1 = [float(line.split("probe_top1 ")[1].split()[0]) for line in printed.splitlines() if "probe_top1" in line]

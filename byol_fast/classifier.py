@@ -1,0 +1,82 @@
+"""Linear evaluation's classifier and its step: frozen encoder -> features -> one linear layer -> SGD.
+
+Used by ``byol_fast.linear_eval`` and by the benchmark's linear stage, so that both run the same code:
+
+- the encoder is frozen: eval mode (batch norm uses its running statistics), no gradients, run under
+  autocast in the run's precision; its features are cast to fp32;
+- the head is ``Linear(width, classes)``, N(0, 0.01) weights and zero bias (MoCo/DINO), optionally after
+  a ``BatchNorm1d`` without affine parameters (a fixed standardisation at test time, still linear);
+- SGD with Nesterov momentum, the learning rate set per step by the caller (cosine, no warm-up).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.contract import EpochLoader, Shard
+
+from . import dist
+from .features import freeze
+
+
+def make_head(width: int, num_classes: int, head_bn: bool) -> nn.Module:
+    linear = nn.Linear(width, num_classes)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    return nn.Sequential(nn.BatchNorm1d(width, affine=False), linear) if head_bn else nn.Sequential(linear)
+
+
+class LinearClassifier:
+    """A frozen ``encoder`` (pooled features of ``width``) and a trained linear head on ``device``;
+    the head is wrapped in DDP across processes, so every rank holds the same classifier."""
+
+    def __init__(self, encoder: nn.Module, width: int, num_classes: int, device: torch.device, info: dist.DistInfo,
+                 amp_dtype: torch.dtype, channels_last: bool = True, head_bn: bool = False, momentum: float = 0.9,
+                 weight_decay: float = 0.0):
+        self.device, self.amp_dtype = device, amp_dtype
+        on_cuda = device.type == "cuda" and channels_last
+        self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
+        self.encoder = freeze(encoder).to(device, memory_format=self.memory_format)
+        self.head = dist.wrap(make_head(width, num_classes, head_bn), device, info, sync_bn=True, channels_last=False)
+        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=0.0, momentum=momentum, nesterov=True,
+                                         weight_decay=weight_decay)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, S, S) -> features (B, width) float32 (the classifier runs in fp32)."""
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            return self.encoder(images).float()
+
+    def step(self, features: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        """One SGD step of the head on (features (B, F), labels (B,)); the loss as a device tensor."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.head.train()
+        loss = F.cross_entropy(self.head(features), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    @torch.no_grad()
+    def scores(self, features: torch.Tensor) -> torch.Tensor:
+        """Class scores (B, classes) of the head in eval mode. The bare module: DDP's forward would
+        broadcast buffers, a collective, and ranks may hold different numbers of validation batches."""
+        return dist.unwrap(self.head).eval()(features.float())
+
+
+class FeatureLoader(EpochLoader):
+    """Precomputed features under the loader contract (``features=cached``): batches (features (B, F),
+    labels (B,)) of this rank's share of every epoch, taken from all N rows held on every rank."""
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, batch_size: int, shard: Shard, seed: int):
+        super().__init__(len(labels), batch_size, shard, seed, train=True)
+        self.features, self.labels = features, labels
+
+    def _batches(self, epoch: int, step: int):
+        order = torch.tensor(self.files_of(epoch), device=self.labels.device)
+        for k in range(step, self.steps_per_epoch):
+            idx = order[k * self.batch_size:(k + 1) * self.batch_size]
+            yield self.features[idx], self.labels[idx]

@@ -1,0 +1,66 @@
+"""The two ends every DALI graph here shares: reading and decoding files, and the final normalisation.
+
+Each loader hands its graph the list of files this rank reads in this epoch, in order
+(``pipelines.contract.rank_files``); the reader walks that list as given, never shuffling or sharding
+it itself, so which file comes when is decided in one place for every loader.
+"""
+from __future__ import annotations
+
+from nvidia.dali import fn, types
+from nvidia.dali.pipeline import Pipeline
+
+from byol_fast.config import ReaderConfig
+
+INTERP = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}
+DEVICES = ("cpu", "gpu")
+
+# ImageNet holds images up to about 6000 x 6000: size the nvJPEG buffers once so that the decoder
+# does not reallocate mid-training (the values of DALI's ResNet-50 example).
+_HW_DECODER_HINTS = dict(
+    device_memory_padding=211_025_920,
+    host_memory_padding=140_544_512,
+    preallocate_width_hint=5980,
+    preallocate_height_hint=6430,
+)
+
+
+def read_files(files: list[str], labels: list[int] | None):
+    """(encoded bytes, int32 label) of ``files`` in the order given (labels may be None)."""
+    return fn.readers.file(files=list(files), labels=None if labels is None else list(labels),
+                           random_shuffle=False, shuffle_after_epoch=False, name="Reader")
+
+
+def decode(jpegs, reader: ReaderConfig, device: str):
+    """Encoded files -> uint8 HWC RGB images, on the CPU ("cpu") or the GPU via nvJPEG ("gpu")."""
+    if device == "gpu":
+        return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
+                                 hw_decoder_load=reader.hw_decoder_load, **_HW_DECODER_HINTS)
+    if device == "cpu":
+        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+    raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+
+
+def normalise(images, data, mirror=0, crop=None):
+    """uint8 HWC -> float32 HWC, optionally mirrored and center-cropped to ``crop`` (h, w), normalised
+    by ``data.mean``/``data.std`` given on [0, 1] pixels: the last op of every pipeline here."""
+    extra = {} if crop is None else dict(crop=crop, crop_pos_x=0.5, crop_pos_y=0.5)
+    return fn.crop_mirror_normalize(images, mirror=mirror, mean=[255.0 * m for m in data.mean],
+                                    std=[255.0 * s for s in data.std], dtype=types.FLOAT,
+                                    output_layout="HWC", **extra)
+
+
+def build(pipeline_fn, reader: ReaderConfig, batch_size: int, device: str, device_id: int | None, seed: int,
+          checkpoint: str | None, **graph_args) -> Pipeline:
+    """A ``@pipeline_def`` graph built for one rank: device_id = local rank (None for device="cpu");
+    ``checkpoint`` (from ``Pipeline.checkpoint()``) resumes exactly where that pipeline was."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "cpu" and device_id is not None:
+        raise ValueError("device='cpu' runs without a GPU: pass device_id=None")
+    if device == "gpu" and device_id is None:
+        raise ValueError("device='gpu' needs device_id (the local rank)")
+    pipe = pipeline_fn(reader=reader, device=device, batch_size=batch_size, num_threads=max(1, reader.num_threads),
+                       device_id=device_id, seed=seed, prefetch_queue_depth=reader.prefetch, checkpoint=checkpoint,
+                       **graph_args)
+    pipe.build()
+    return pipe

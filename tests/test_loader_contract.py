@@ -1,0 +1,123 @@
+"""The loader contract (pipelines/contract.py), checked on every loader alike, in the manner of timm's
+optimizer tests: one parametrised suite, every implementation through it.
+
+Files are 16 uniform grey PNGs whose grey level says which file a sample came from, and each file's
+label is its index, so a batch tells which files it holds twice over (pixels and labels); every
+augmentation is the identity or keeps a uniform image uniform. Ranks are loaders built with another
+Shard in one process (no process group is needed to decide which files a rank reads).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from byol_fast.classifier import FeatureLoader
+from byol_fast.config import DataConfig, LinearDataConfig
+from conftest import IDENTITY, READER, save
+from pipelines.contract import Shard, rank_files, steps_per_epoch
+from pipelines.loader import DaliEvalLoader, DaliTwoViewLoader
+from pipelines.reference import TorchvisionEvalLoader, TorchvisionTwoViewLoader
+
+S, BATCH, SEED = 32, 2, 5
+CPU = torch.device("cpu")
+TWO_VIEW = DataConfig(image_size=S, view1=IDENTITY, view2=IDENTITY)
+CROPS = LinearDataConfig(image_size=S, resize=S)
+LOADERS = ["dali-two-view", "torchvision-two-view", "dali-eval", "torchvision-eval", "cached-features"]
+
+
+@pytest.fixture(scope="module")
+def greys(tmp_path_factory):
+    root = tmp_path_factory.mktemp("greys")
+    return [save(root / f"grey{i:02d}.png", np.full((S, S, 3), 8 + 15 * i, np.uint8)) for i in range(16)]
+
+
+def make(kind: str, files, shard: Shard, train: bool = True):
+    labels = list(range(len(files)))
+    if kind == "dali-two-view":
+        return DaliTwoViewLoader(files, TWO_VIEW, READER, BATCH, "cpu", shard, SEED, CPU, labels=labels)
+    if kind == "torchvision-two-view":
+        return TorchvisionTwoViewLoader(files, TWO_VIEW, BATCH, 0, shard, SEED, labels=labels)
+    if kind == "dali-eval":
+        return DaliEvalLoader(files, labels, train, CROPS, READER, BATCH, "cpu", shard, SEED, CPU)
+    if kind == "torchvision-eval":
+        return TorchvisionEvalLoader(files, labels, train, CROPS, BATCH, 0, shard, SEED)
+    features = torch.arange(len(files), dtype=torch.float32).view(-1, 1)  # row i "is" file i
+    return FeatureLoader(features, torch.tensor(labels), BATCH, shard, SEED)
+
+
+def grey_ids(images: torch.Tensor) -> list[int]:
+    """Which grey file (8 + 15 i) each normalised image (N, 3, S, S) is."""
+    if images.shape[1:] == (1,):  # cached features: the row is the file index
+        return images[:, 0].round().long().tolist()
+    mean, std = torch.tensor(TWO_VIEW.mean).view(1, 3, 1, 1), torch.tensor(TWO_VIEW.std).view(1, 3, 1, 1)
+    grey = ((images * std + mean) * 255.0).mean(dim=(1, 2, 3))
+    return [int(round((g.item() - 8) / 15)) for g in grey]
+
+
+def files_read(batch) -> list[int]:
+    """The files of a batch by their labels, after checking that every image agrees with its label."""
+    labels = batch[-1].tolist()
+    assert batch[-1].dtype == torch.int64
+    for images in batch[:-1]:
+        assert grey_ids(images) == labels  # labels travel with their files
+    return labels
+
+
+def one_epoch(loader) -> list[list[int]]:
+    batches = [files_read(b) for b in loader]
+    assert len(batches) == loader.steps_per_epoch
+    return batches
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_each_epoch_partitions_the_kept_files_in_equal_steps_and_reshuffles(greys, kind, world):
+    loaders = [make(kind, greys, Shard(r, world)) for r in range(world)]
+    steps = 16 // (BATCH * world)
+    assert [loader.steps_per_epoch for loader in loaders] == [steps] * world == [len(x) for x in loaders]
+    epochs = []
+    for epoch in range(3):
+        assert all(loader.epoch == epoch for loader in loaders)
+        batches = [one_epoch(loader) for loader in loaders]
+        assert all(len(b) == BATCH for rank in batches for b in rank)  # whole batches, every step
+        per_rank = [[i for b in rank for i in b] for rank in batches]
+        everything = [i for ids in per_rank for i in ids]
+        assert len(set(everything)) == len(everything) == steps * BATCH * world  # no file twice
+        assert 16 - len(everything) < BATCH * world  # fewer than one global batch left out
+        for r, ids in enumerate(per_rank):  # the one function that says which files rank r reads
+            assert ids == rank_files(16, BATCH, Shard(r, world), epoch, SEED)
+        epochs.append(everything)
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled between epochs
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("world, rank", [(1, 0), (2, 1), (3, 2)])
+def test_a_mid_epoch_state_gives_the_same_next_batches_bit_for_bit(greys, kind, world, rank):
+    loader = make(kind, greys, Shard(rank, world))
+    steps = loader.steps_per_epoch
+    stream = iter(loader)
+    next(stream)  # one batch of epoch 0 taken
+    state = loader.state_dict()
+    following = [tuple(t.clone() for t in b) for b in stream]  # the rest of epoch 0
+    following += [tuple(t.clone() for t in b) for b in loader][:2]  # and into epoch 1
+    resumed = make(kind, greys, Shard(rank, world))
+    resumed.load_state_dict(state)
+    again = list(resumed) + list(resumed)[:2]
+    assert len(again) == len(following) == steps - 1 + min(2, steps)
+    for a, b in zip(following, again):
+        assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert resumed.epoch == loader.epoch
+
+
+@pytest.mark.parametrize("kind", ["dali-eval", "torchvision-eval"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_evaluation_reads_every_file_once_over_the_ranks_in_equal_steps(greys, kind, world):
+    files = greys[:5]  # 5 files, batch 2: shards of 1 or 2 files at 4 ranks, some last batches short or empty
+    loaders = [make(kind, files, Shard(r, world), train=False) for r in range(world)]
+    steps = steps_per_epoch(5, BATCH, world, train=False)
+    assert all(loader.steps_per_epoch == steps for loader in loaders)
+    for _ in range(2):  # the same files in the next epoch
+        per_rank = [[i for b in one_epoch(loader) for i in b] for loader in loaders]
+        assert sorted(i for ids in per_rank for i in ids) == list(range(5))
+        assert [i for ids in per_rank for i in ids] == list(range(5))  # in order, rank after rank
