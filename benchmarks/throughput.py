@@ -4,23 +4,25 @@ What it measures, in one process, side by side on the same files and the same co
 
 1. ``dali``, ``torchvision``: the two-view data pipeline alone (decode once, two augmented views):
    byol_fast's DALI pipeline, and the torchvision/PIL DataLoader doing the same recipe with as many
-   worker processes as DALI has threads (the way peer projects load data). Batches are taken
-   where each loader delivers them (the GPU for DALI with ``--decode gpu``, host memory for the
-   DataLoader).
+   worker processes as DALI has threads (the way peer projects load data). Every loader is built by
+   :mod:`byol_fast.loaders`, as the drivers build theirs, from the config's ``reader`` section.
+   Batches are taken where each loader delivers them (the GPU for DALI with ``--decode gpu``, host
+   memory for the DataLoader).
 2. ``model``: the BYOL training step alone on synthetic device tensors, through
    :class:`byol_fast.learner.Learner` (the code ``byol_fast.train`` runs): both views, online
    forward/backward, target forward, LARS, EMA.
 3. ``e2e-dali``, ``e2e-torchvision``: loader -> device -> training step, and the fraction of the
    time the training step waits for data.
-4. ``linear``, ``e2e-linear`` (``--linear``): linear evaluation's step (frozen encoder forward,
-   linear layer forward/backward, SGD) on synthetic device tensors, and fed by
-   ``byol_fast.linear_eval``'s training loader (DALI: random resized crop + flip).
+4. ``linear``, ``e2e-linear`` (``--linear``): linear evaluation's step
+   (:class:`byol_fast.classifier.LinearClassifier`: frozen encoder forward, linear layer
+   forward/backward, SGD) on synthetic device tensors, and fed by linear evaluation's training
+   loader (DALI: random resized crop + flip).
 
 Method: each stage runs warm-up steps (pipeline build, worker start, cuDNN/compile warm-up), then
 times ``--windows`` windows of a fixed number of steps, chosen from a calibration so a window
 lasts about ``--window-seconds``; on a GPU each window ends with ``torch.cuda.synchronize()``.
 A figure is the median over the windows, with their min and max. One image is one source image
-(both of its views), the unit of the 8x V100 target (REFERENCE.md section 2).
+(both of its views), the unit of the 8x V100 target (byol_fast/REFERENCE.md section 2).
 
 Data wait: on a GPU, CUDA events bracket each training step on its stream; the wait fraction
 is ``1 - (sum of step spans) / window time``, the share of the time the training stream had no step
@@ -32,12 +34,13 @@ git), or ``--data`` (a folder or a byol_fast index file). Files are read through
 the figures exclude storage speed.
 
 Any extra ``--section.key=value`` argument is a config override, as for ``byol_fast.train``
-(e.g. ``--data.interp=linear``). A stage that fails prints its error; the others still run and
-the figure is null in the JSON.
+(e.g. ``--data.interp=linear``, ``--reader.prefetch=3``). A stage that fails prints its error; the
+others still run and the figure is null in the JSON.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -59,10 +62,18 @@ for p in (str(ROOT), str(HERE)):
 
 import torch  # noqa: E402
 
-from byol_fast import dist  # noqa: E402
-from byol_fast.config import ConfigError, load_config, parse_overrides, to_dict  # noqa: E402
+from byol_fast.classifier import LinearClassifier  # noqa: E402
+from byol_fast.config import (ConfigError, LinearConfig, LinearDataConfig, load_config, merge,  # noqa: E402
+                              parse_overrides, to_dict)
+from byol_fast.dist import DistInfo  # noqa: E402
+from byol_fast.index import load_index  # noqa: E402
+from byol_fast.learner import Learner  # noqa: E402
+from byol_fast.loaders import eval_loader, two_view_loader  # noqa: E402
+from byol_fast.model import build_encoder  # noqa: E402
+from byol_fast.runtime import resolve_device, resolve_precision, to_device  # noqa: E402
+from byol_fast.schedules import scaled_lr  # noqa: E402
 
-# REFERENCE.md section 2: BYOL ResNet-50 224 px on 8x V100 with AMP (compute bound), and the
+# byol_fast/REFERENCE.md section 2: BYOL ResNet-50 224 px on 8x V100 with AMP (compute bound), and the
 # linear-evaluation figure of seed 000 on 8 GPUs.
 TARGET_BYOL_8XV100 = 3121.0
 TARGET_LINEAR_8GPU = 5408.0
@@ -109,11 +120,14 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--compile", action="store_true", help="torch.compile the model (config: compile)")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW memory format instead of channels_last")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
-    p.add_argument("--threads", type=int, help="DALI threads = DataLoader workers (default: every core)")
+    p.add_argument("--threads", type=int, help="DALI threads = DataLoader workers (config: reader.num_threads; "
+                   "default: every core)")
     p.add_argument("--torch-threads", type=int, help="torch intra-op threads on the CPU (default: every core)")
-    p.add_argument("--prefetch", type=int, help="batches DALI prepares ahead (config: data.prefetch)")
-    p.add_argument("--hw-decoder-load", type=float, help="share of JPEGs for the hardware decoder (config: data.hw_decoder_load)")
-    p.add_argument("--decode", choices=("cpu", "gpu"), help="where DALI decodes and augments (default: gpu on CUDA)")
+    p.add_argument("--prefetch", type=int, help="batches DALI prepares ahead (config: reader.prefetch)")
+    p.add_argument("--hw-decoder-load", type=float, help="share of JPEGs for the hardware decoder "
+                   "(config: reader.hw_decoder_load)")
+    p.add_argument("--decode", choices=("cpu", "gpu"), help="where DALI decodes and augments (config: reader.decode; "
+                   "default: gpu on CUDA)")
     p.add_argument("--data", help="a folder of images (ImageFolder tree or flat) or a byol_fast index file, "
                    "instead of generated images")
     p.add_argument("--num-images", type=int, help="generated images (default: 4000 on GPU, 1000 on CPU)")
@@ -129,9 +143,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def resolve(args: argparse.Namespace) -> dict:
     """Every setting the run uses, defaults filled in by device type."""
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA GPU is visible")
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = resolve_device(args.device).type == "cuda"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] or [s for s in STAGES if s not in LINEAR_STAGES]
     if args.linear:
@@ -166,11 +178,16 @@ def blur_kernel_for(size: int) -> int:
 
 
 def build_config(args: argparse.Namespace, s: dict, extra: list[str]):
-    """The byol_fast Config the stages run: recipe <- benchmark settings <- extra overrides."""
+    """The byol_fast Config every stage runs: recipe <- benchmark settings <- extra overrides. How
+    images are read (threads, decode, prefetch, hardware decoder) lives in its ``reader`` section,
+    which every loader, the linear one included, takes whole."""
+    reader = {"num_threads": s["threads"], "decode": s["decode"], "prefetch": args.prefetch,
+              "hw_decoder_load": args.hw_decoder_load}
     over: dict = {"device": s["device"], "seed": s["seed"],
                   "model": {"backbone": s["backbone"]},
                   "optim": {"batch_size": s["batch"]},
-                  "data": {"image_size": s["image_size"], "num_threads": s["threads"], "decode": s["decode"]}}
+                  "data": {"image_size": s["image_size"]},
+                  "reader": {k: v for k, v in reader.items() if v is not None}}
     if not args.config:  # the recipe's views as they are; else scale the blur window with the view
         k = blur_kernel_for(s["image_size"])
         over["data"].update(view1={"blur_kernel": k}, view2={"blur_kernel": k})
@@ -180,18 +197,7 @@ def build_config(args: argparse.Namespace, s: dict, extra: list[str]):
         over["compile"] = True
     if args.no_channels_last:
         over["channels_last"] = False
-    if args.prefetch is not None:
-        over["data"]["prefetch"] = args.prefetch
-    if args.hw_decoder_load is not None:
-        over["data"]["hw_decoder_load"] = args.hw_decoder_load
-    return load_config(args.config, _merge(over, parse_overrides(extra)))
-
-
-def _merge(base: dict, more: dict) -> dict:
-    out = dict(base)
-    for k, v in more.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+    return load_config(args.config, merge(over, parse_overrides(extra)))
 
 
 def environment(device: torch.device) -> dict:
@@ -388,53 +394,64 @@ def device_sync(device: torch.device):
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def open_loader(kind: str, files: list[str], cfg, device: torch.device):
-    """The pretraining loader byol_fast.train builds, for a world of one."""
-    if kind == "torchvision":
-        from pipelines.reference import TorchvisionTwoViewLoader
+def reader_for(kind: str, cfg):
+    """The config's reader section with ``loader`` set to the stage's kind (dali | torchvision)."""
+    return dataclasses.replace(cfg.reader, loader=kind)
 
-        return TorchvisionTwoViewLoader(files, cfg.data, cfg.optim.batch_size, cfg.data.num_threads, 0, 1, cfg.seed)
-    from pipelines.loader import DaliTwoViewLoader
 
-    return DaliTwoViewLoader(files, cfg.data, cfg.optim.batch_size, cfg.data.decode, 0, 1, 0, cfg.seed, device)
+def pretrain_loader(kind: str, data, cfg, device: torch.device):
+    """The two-view loader byol_fast.train builds (byol_fast.loaders), for a world of one."""
+    return two_view_loader(data["index"], cfg.data, reader_for(kind, cfg), cfg.optim.batch_size, DistInfo(), device,
+                           cfg.seed)
 
 
 def worker_rounds(kind: str, cfg) -> int:
     """Steps in one round of the torchvision DataLoader's workers (1 for DALI, which streams)."""
-    return max(1, cfg.data.num_threads) if kind == "torchvision" else 1
+    return max(1, cfg.reader.num_threads) if kind == "torchvision" else 1
 
 
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    """As byol_fast.train moves a batch (a no-op for DALI's GPU output, already channels_last)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return x.to(device, non_blocking=True, memory_format=fmt)
+def measure_fed(loader, move, train, cfg, device, s, label: str, rounds: int = 1) -> dict:
+    """An end-to-end stage: each step takes the loader's next batch, moves it (``move``; host time, the
+    data wait on the CPU) and runs ``train(batch)``, bracketed by CUDA events on a GPU."""
+    stream, wait = endless(loader), DataWait(device)
+
+    def step():
+        t = time.perf_counter()
+        batch = move(next(stream))
+        wait.fetched(time.perf_counter() - t)
+        events = wait.bracket()
+        if events:
+            events[0].record()
+        train(batch)
+        if events:
+            events[1].record()
+
+    try:
+        return measure(step, cfg.optim.batch_size, device_sync(device), s, label, on_window=wait.window, rounds=rounds)
+    finally:
+        stream.close()
 
 
 def stage_loader(kind: str, data, cfg, device, s) -> dict:
-    loader = open_loader(kind, data["index"].files, cfg, device)
-    stream = endless(loader)
+    stream = endless(pretrain_loader(kind, data, cfg, device))
     try:
         out = measure(lambda: next(stream), cfg.optim.batch_size, device_sync(device), s, kind,
                       rounds=worker_rounds(kind, cfg))
     finally:
         stream.close()
-    where = f"DALI on {cfg.data.decode}" if kind == "dali" else f"{cfg.data.num_threads} DataLoader workers"
+    where = f"DALI on {cfg.reader.decode}" if kind == "dali" else f"{cfg.reader.num_threads} DataLoader workers"
     return {**out, "where": where}
 
 
 def synthetic_views(cfg, device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     size = cfg.data.image_size
     g = torch.Generator().manual_seed(cfg.seed)
-    return tuple(torch.randn(batch, 3, size, size, generator=g).to(device, memory_format=fmt) for _ in range(2))
+    return tuple(to_device(torch.randn(batch, 3, size, size, generator=g), device, cfg.channels_last) for _ in range(2))
 
 
 def new_learner(cfg, device):
-    from byol_fast.learner import Learner
-    from byol_fast.schedules import scaled_lr
-
     torch.manual_seed(cfg.seed)
-    learner = Learner(cfg, device, dist.DistInfo())
+    learner = Learner(cfg, device, DistInfo())
     learner.model.train()
     # The peak learning rate and the first tau: the step's cost does not depend on their values.
     return learner, scaled_lr(cfg.optim.lr, cfg.optim.batch_size), cfg.ema.tau_base
@@ -449,91 +466,43 @@ def stage_model(data, cfg, device, s) -> dict:
 
 def stage_e2e(kind: str, data, cfg, device, s) -> dict:
     learner, lr, tau = new_learner(cfg, device)
-    loader = open_loader(kind, data["index"].files, cfg, device)
-    stream, wait = endless(loader), DataWait(device)
-
-    def step():
-        t = time.perf_counter()
-        view1, view2 = next(stream)
-        view1, view2 = to_device(view1, device, cfg.channels_last), to_device(view2, device, cfg.channels_last)
-        wait.fetched(time.perf_counter() - t)
-        events = wait.bracket()
-        if events:
-            events[0].record()
-        learner.step([(view1, view2)], lr, tau)
-        if events:
-            events[1].record()
-
-    try:
-        return measure(step, cfg.optim.batch_size, device_sync(device), s, f"e2e-{kind}", on_window=wait.window,
+    return measure_fed(pretrain_loader(kind, data, cfg, device),
+                       lambda views: tuple(to_device(v, device, cfg.channels_last) for v in views),
+                       lambda views: learner.step([views], lr, tau), cfg, device, s, f"e2e-{kind}",
                        rounds=worker_rounds(kind, cfg))
-    finally:
-        stream.close()
 
 
-class LinearStep:
-    """Linear evaluation's step as byol_fast.linear_eval runs it: frozen encoder (eval mode, no grad,
-    autocast) -> features in fp32 -> Linear(width, classes) -> cross entropy -> SGD (Nesterov)."""
-
-    def __init__(self, cfg, device, num_classes: int = 1000):
-        from byol_fast.features import freeze
-        from byol_fast.learner import resolve_precision
-        from byol_fast.linear_eval import make_head
-        from byol_fast.model import build_encoder
-
-        torch.manual_seed(cfg.seed)
-        self.device, self.amp = device, resolve_precision(cfg, device)
-        self.fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        encoder, width = build_encoder(cfg.model.backbone)
-        self.encoder = freeze(encoder).to(device, memory_format=self.fmt)
-        self.head = make_head(width, num_classes, head_bn=False).to(device)
-        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-
-    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp != torch.float32):
-            features = self.encoder(images).float()
-        loss = torch.nn.functional.cross_entropy(self.head(features), labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+def new_classifier(cfg, device, num_classes: int):
+    """Linear evaluation's classifier (byol_fast.classifier) on a fresh encoder of the config's backbone,
+    and linear evaluation's peak learning rate for this batch (the cost does not depend on it)."""
+    torch.manual_seed(cfg.seed)
+    encoder, width = build_encoder(cfg.model.backbone)
+    clf = LinearClassifier(encoder, width, num_classes, device, DistInfo(), resolve_precision(cfg.precision, device),
+                           cfg.channels_last)
+    return clf, scaled_lr(LinearConfig.lr, cfg.optim.batch_size)
 
 
 def stage_linear(data, cfg, device, s) -> dict:
-    step = LinearStep(cfg, device)
+    clf, lr = new_classifier(cfg, device, 1000)
     images, _ = synthetic_views(cfg, device, cfg.optim.batch_size)
+    images = to_device(images, device, clf.memory_format == torch.channels_last)  # once, not in every step
     labels = torch.randint(0, 1000, (cfg.optim.batch_size,), device=device)
-    return measure(lambda: step(images, labels), cfg.optim.batch_size, device_sync(device), s, "linear")
+    return measure(lambda: clf.step(clf.encode(images), labels, lr), cfg.optim.batch_size, device_sync(device), s,
+                   "linear")
 
 
 def stage_e2e_linear(data, cfg, device, s) -> dict:
-    """byol_fast.linear_eval's training loader (random resized crop + flip; DALI) -> LinearStep."""
-    from byol_fast.linear_eval import LinearDataConfig, eval_loader
-
+    """Linear evaluation's training loader (byol_fast.loaders.eval_loader, DALI: random resized crop + flip),
+    with the config's reader section, -> the classifier's step."""
     index = data["index"]
-    step = LinearStep(cfg, device, max(1, index.num_classes))
-    ldata = LinearDataConfig(image_size=cfg.data.image_size, num_threads=cfg.data.num_threads, decode=cfg.data.decode)
     if not index.labelled:  # a flat folder: labels do not change the cost
-        index = type(index)(index.root, index.files, [0] * len(index.files), ["all"])
-    loader = eval_loader(index, True, ldata, cfg.optim.batch_size, dist.DistInfo(), device, cfg.seed)
-    stream, wait = endless(loader), DataWait(device)
-
-    def one():
-        t = time.perf_counter()
-        images, labels = next(stream)
-        images = to_device(images, device, cfg.channels_last)
-        labels = labels.to(device, non_blocking=True)
-        wait.fetched(time.perf_counter() - t)
-        events = wait.bracket()
-        if events:
-            events[0].record()
-        step(images, labels)
-        if events:
-            events[1].record()
-
-    try:
-        return measure(one, cfg.optim.batch_size, device_sync(device), s, "e2e-linear", on_window=wait.window)
-    finally:
-        stream.close()
+        index = dataclasses.replace(index, labels=[0] * len(index.files), classes=["all"])
+    clf, lr = new_classifier(cfg, device, index.num_classes)
+    loader = eval_loader(index, True, LinearDataConfig(image_size=cfg.data.image_size), reader_for("dali", cfg),
+                         cfg.optim.batch_size, DistInfo(), device, cfg.seed)
+    channels_last = clf.memory_format == torch.channels_last
+    return measure_fed(loader, lambda b: (to_device(b[0], device, channels_last), b[1].to(device, non_blocking=True)),
+                       lambda b: clf.step(clf.encode(b[0]), b[1], lr), cfg, device, s, "e2e-linear")
 
 
 def run_stage(name: str, data: dict, cfg, device, s) -> dict:
@@ -571,18 +540,16 @@ def run_stage(name: str, data: dict, cfg, device, s) -> dict:
 # ---------------------------------------------------------------------------- data
 
 
-def benchmark_data(args, s: dict) -> tuple[object, dict]:
-    """The checked index (byol_fast.data) of the files every loader reads, and a description of them."""
-    from byol_fast.data import load_index
-
+def benchmark_data(args, s: dict, cfg) -> tuple[object, dict]:
+    """The checked index (byol_fast.index) of the files every loader reads, and a description of them."""
     if args.data:
-        index = load_index(args.data)
+        index = load_index(args.data, workers=cfg.reader.index_workers)
         return index, {"source": str(Path(args.data).absolute()), "num_images": len(index.files)}
     import imagenet_like
 
     log(f"ImageNet-like JPEGs: {s['num_images']} under {args.bench_data}")
     root = imagenet_like.make_dataset(args.bench_data, s["num_images"], seed=s["seed"])
-    index = load_index(root / "train")
+    index = load_index(root / "train", workers=cfg.reader.index_workers)
     return index, {"source": str(root), **imagenet_like.describe(root), "num_images": len(index.files)}
 
 
@@ -631,14 +598,15 @@ def _fmt(x, digits=1) -> str:
 def render(result: dict) -> str:
     """The results as Markdown: settings line, the table, the ratios (parsed by tests/test_throughput.py)."""
     s, env, cfg = result["settings"], result["environment"], result["config"]
+    reader = cfg["reader"]
     dev = env.get("gpu") or f"CPU ({env['cpu']}, {s['cores']} cores)"
     load = env.get("loadavg_start")
     lines = [f"device: {dev} | {env['date_utc']} | torch {env['torch']}, torchvision {env['torchvision']}, "
              f"DALI {env['dali']}, CUDA {env['cuda']}" + (f" | load average before: {load[0]:.2f}" if load else ""),
              f"model: {cfg['model']['backbone']} at {cfg['data']['image_size']} px, batch {s['batch']}, precision "
              f"{result['stages'].get('model', {}).get('precision', cfg['precision'])}, channels_last {cfg['channels_last']}, "
-             f"compile {cfg['compile']} | DALI decode on {cfg['data']['decode']}, {cfg['data']['num_threads']} threads "
-             f"= {cfg['data']['num_threads']} DataLoader workers, prefetch {cfg['data']['prefetch']} | "
+             f"compile {cfg['compile']} | DALI decode on {reader['decode']}, {reader['num_threads']} threads "
+             f"= {reader['num_threads']} DataLoader workers, prefetch {reader['prefetch']} | "
              f"{result['dataset']['num_images']} images",
              "", TABLE_BEGIN, "",
              "| stage | median | min | max | data wait | peak memory (GB) |",
@@ -719,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     if env["loadavg_start"] and env["loadavg_start"][0] > 0.5 * s["cores"]:
         log(f"warning: the machine is busy before the run (load average {env['loadavg_start'][0]:.1f} on "
             f"{s['cores']} cores): CPU-side figures will be low and noisy")
-    index, dataset = benchmark_data(args, s)
+    index, dataset = benchmark_data(args, s, cfg)
     if len(index.files) < cfg.optim.batch_size:
         print(f"error: {len(index.files)} images cannot fill one batch of {cfg.optim.batch_size}", file=sys.stderr)
         return 2

@@ -43,6 +43,7 @@ def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("throughput")
     cmd = [sys.executable, str(SCRIPT), "--quick", "--device", "cpu", "--linear",
            "--num-images", "40", "--image-size", "32", "--batch", "8", "--threads", "2", "--torch-threads", "1",
+           "--prefetch", "3",
            "--windows", "2", "--window-seconds", "0.2", "--warmup", "1",
            "--bench-data", str(out / "bench_data"), "--json", str(out / "r.json"), "--plot", str(out / "r.png"),
            # config overrides pass through, as for byol_fast.train: a smaller projector keeps the test fast
@@ -74,12 +75,21 @@ def test_settings_and_environment_are_recorded(run):
     cfg = result["config"]
     assert cfg["model"]["backbone"] == "resnet18" and cfg["data"]["image_size"] == 32
     assert cfg["model"]["projector_hidden"] == 256  # the pass-through override reached the config
-    assert cfg["optim"]["batch_size"] == 8 and cfg["data"]["num_threads"] == 2
+    assert cfg["optim"]["batch_size"] == 8 and cfg["reader"]["num_threads"] == 2
     assert cfg["data"]["view1"]["blur_kernel"] == 3  # 10% of the 32 px view, odd
     env = result["environment"]
     for key in ("torch", "torchvision", "dali", "cpu", "date_utc"):
         assert env[key], key
     assert result["dataset"]["num_images"] == 40
+
+
+def test_reader_options_reach_the_linear_stage(run):
+    """--prefetch lands in the reader section, which every loader takes whole: the linear loader too."""
+    _, result, _ = run
+    assert result["config"]["reader"]["prefetch"] == 3
+    assert "prefetch" not in result["config"]["data"]
+    linear = result["stages"]["e2e-linear"]
+    assert linear["error"] is None and linear["img_per_s"]["median"] > 0
 
 
 def test_printed_table_matches_json(run):
