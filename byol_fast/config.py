@@ -111,7 +111,7 @@ class MonitorConfig:
     knn_every: int = 0  # epochs between kNN evaluations (0: off); needs a labelled validation split
     knn_k: int = 20
     knn_temperature: float = 0.07  # votes weigh exp(sim / T); <= 0: plain majority
-    knn_bank_limit: int = 0  # images of the training split per process in the bank (0: all)
+    knn_bank_limit: int = 0  # bank: a seeded random sample of this many training images per process (0: all)
     val_path: str = ""  # labelled validation split; empty: the val/ folder beside data.path
     probe: bool = False  # online linear probe on detached online-encoder features of view 1 (needs class folders)
     probe_lr: float = 0.1  # its SGD learning rate (Nesterov 0.9, constant)

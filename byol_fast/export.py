@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, save_encoder
+from .checkpoint import save_encoder
 from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
 from .model import TORCHVISION_BACKBONES
+from .runtime import run_cli
 
 
 def torchscript_path(out: str | Path) -> Path:
@@ -68,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="which tower of a pretraining checkpoint (default: online, as the paper)")
     parser.add_argument("--torchscript", action="store_true", help="also write OUT's stem + .torchscript.pt")
     args = parser.parse_args(argv)
-    try:
-        weights = read_encoder_weights(args.checkpoint, args.which)
-        written = export_encoder(weights, args.checkpoint, args.out, torchscript=args.torchscript)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: _export(args))
+
+
+def _export(args: argparse.Namespace) -> int:
+    weights = read_encoder_weights(args.checkpoint, args.which)
+    written = export_encoder(weights, args.checkpoint, args.out, torchscript=args.torchscript)
     if weights.backbone in TORCHVISION_BACKBONES:
         print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
               f"(load with strict=False; expects ImageNet-normalised input)")

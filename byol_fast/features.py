@@ -1,6 +1,7 @@
 """Load a pretrained encoder from any byol_fast file and turn images into features.
 
-Three kinds of file are understood, told apart by the kind that ``byol_fast.checkpoint`` tags them with:
+Three kinds of file are understood (``byol_fast.checkpoint.kind_of`` tells our two checkpoint kinds
+apart by their tag; a state_dict is recognised by its tensors, tagged by our export or not):
 
 - a pretraining checkpoint (``runs/x/last.pt``): the ``online`` encoder, the network the paper
   evaluates (``which="target"`` takes the EMA target's instead);
@@ -179,30 +180,26 @@ class FeatureExtractor(nn.Module):
 
 @torch.no_grad()
 def loader_features(encoder: nn.Module, loader, device: torch.device, amp_dtype: torch.dtype = torch.float32,
-                    out_dtype: torch.dtype = torch.float32, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features of every (images, labels) batch of ``loader`` through ``encoder`` in eval mode.
+                    out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of every (images, labels) batch of one epoch of ``loader`` through ``encoder`` in eval mode.
 
     images: (B, 3, H, W) normalised; labels: (B,) int64. Returns (features (N, F) ``out_dtype``,
-    labels (N,) int64), both on ``device``; ``limit`` > 0 stops after that many images. The encoder's
-    train/eval mode is restored afterwards (the BYOL target tower normally runs in train mode).
+    labels (N,) int64), both on ``device``. The encoder's train/eval mode is restored afterwards
+    (the BYOL target tower normally runs in train mode).
     """
     was_training = encoder.training
     encoder.eval()
-    feats, labels, seen = [], [], 0
+    feats, labels = [], []
     try:
         for images, target in loader:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 feats.append(encoder(images.to(device, non_blocking=True)).to(out_dtype))
             labels.append(target.to(device, non_blocking=True).long().view(-1))
-            seen += len(target)
-            if limit and seen >= limit:
-                break
     finally:
         encoder.train(was_training)
     if not feats:
         return torch.zeros(0, 0, device=device, dtype=out_dtype), torch.zeros(0, dtype=torch.long, device=device)
-    feats_t, labels_t = torch.cat(feats), torch.cat(labels)
-    return (feats_t[:limit], labels_t[:limit]) if limit else (feats_t, labels_t)
+    return torch.cat(feats), torch.cat(labels)
 
 
 def load_feature_extractor(path: str | Path, which: str = "online", backbone: str | None = None,

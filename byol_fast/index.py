@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,17 @@ class Index:
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def sample(self, n: int, seed: int) -> "Index":
+        """An index of ``n`` of these files drawn at random (seeded), kept in this index's order;
+        the whole index when ``n`` is 0 or not smaller."""
+        if not 0 < n < len(self.files):
+            return self
+        import numpy as np
+
+        keep = np.sort(np.random.default_rng(seed).choice(len(self.files), n, replace=False)).tolist()
+        return dataclasses.replace(self, files=[self.files[i] for i in keep], labels=[self.labels[i] for i in keep],
+                                   kinds=[self.kinds[i] for i in keep] if self.kinds else [])
 
     @property
     def num_classes(self) -> int:

@@ -213,8 +213,12 @@ class LinearEval:
             self.writer.scalars({"linear/train_loss": train["train_loss"], "linear/val_top1": val["top1"],
                                  "linear/val_top5": val["top5"], "linear/img_per_s": train["img_per_s"]},
                                 self.epoch)
-            self.save()
+            self.save()  # every epoch end: the schedule's answer here is always "save"
             self.write_results()
+            if self.schedule.poll(epoch_end=True)[1]:  # a stop asked for during the epoch's last step or validation
+                self.schedule.close()
+                self.log(f"stopped after epoch {self.epoch}; run the same command to resume")
+                return PREEMPTED_EXIT
         self.schedule.close()
         self.writer.close()
         if self.results:

@@ -1,17 +1,18 @@
 """The loader a config asks for, built for this process: the one place where loaders are made.
 
-Pretraining, linear evaluation, the kNN monitor and the benchmark all get their loaders here, so
-that each is built from the config's sections whole (the images' recipe and the ``reader``
-section) and the benchmark times exactly what the drivers run. Every loader follows the contract of
+Pretraining, linear evaluation, the kNN monitor and the benchmark all get their image loaders here,
+so that each is built from the config's sections whole (the images' recipe and the ``reader``
+section) and the benchmark times exactly what the drivers run. (Linear evaluation's cached features
+are not images: ``byol_fast.classifier.FeatureLoader``.) Every loader follows the contract of
 ``pipelines.contract`` (steps per epoch, the epoch, ``state_dict()``).
 """
 from __future__ import annotations
 
 import torch
 
-from pipelines.contract import Loader, Shard
+from pipelines.contract import Loader, Shard, steps_per_epoch
 
-from .config import DataConfig, LinearDataConfig, ReaderConfig
+from .config import ConfigError, DataConfig, LinearDataConfig, ReaderConfig
 from .dist import DistInfo
 from .index import Index
 from .runtime import decode_device
@@ -21,10 +22,19 @@ def shard_of(info: DistInfo) -> Shard:
     return Shard(info.rank, info.world_size, info.local_rank)
 
 
+def _check_fills(index: Index, batch: int, info: DistInfo, key: str) -> None:
+    """A ConfigError naming ``key`` when the index cannot fill one training step on every rank."""
+    try:
+        steps_per_epoch(len(index.files), batch, info.world_size)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {index.root}: {e}") from None
+
+
 def two_view_loader(index: Index, data: DataConfig, reader: ReaderConfig, batch: int, info: DistInfo,
                     device: torch.device, seed: int, labels: bool = False) -> Loader:
     """This rank's two-view loader over the training ``index``: DALI (reader.loader=dali) or the
     torchvision/PIL reference; with ``labels`` it also yields each image's class label."""
+    _check_fills(index, batch, info, "optim.batch_size")
     shard = shard_of(info)
     labels_ = index.labels if labels else None
     if reader.loader == "torchvision":
@@ -41,6 +51,8 @@ def eval_loader(index: Index, train: bool, data: LinearDataConfig, reader: Reade
                 info: DistInfo, device: torch.device, seed: int = 0) -> Loader:
     """This rank's loader of one labelled split, yielding (images (B, 3, S, S) float32 normalised,
     labels (B,) int64): ``train`` picks random resized crop + flip, else resize + center crop."""
+    if train:
+        _check_fills(index, batch, info, "batch_size")
     shard = shard_of(info)
     if reader.loader == "torchvision":
         from pipelines.reference import TorchvisionEvalLoader

@@ -119,14 +119,14 @@ class KnnMonitor:
     """kNN accuracy of an encoder: bank = labelled training images, queries = validation images.
 
     ``bank_loader`` and ``query_loader`` yield (images (B, 3, H, W) normalised, labels (B,) int64),
-    this rank's shard, re-iterable (``byol_fast.loaders.eval_loader``: resize + center crop).
-    ``bank_limit`` > 0 caps this rank's bank (a subset keeps the monitor cheap on ImageNet).
+    this rank's shard; each run reads one whole epoch of each (``byol_fast.loaders.eval_loader``:
+    resize + center crop, the same files every epoch). A smaller bank is a smaller index
+    (``Index.sample``), not a cut loader.
     """
 
-    def __init__(self, bank_loader, query_loader, num_classes: int, k: int = 20, temperature: float = 0.07,
-                 bank_limit: int = 0):
+    def __init__(self, bank_loader, query_loader, num_classes: int, k: int = 20, temperature: float = 0.07):
         self.bank_loader, self.query_loader = bank_loader, query_loader
-        self.num_classes, self.k, self.temperature, self.bank_limit = num_classes, k, temperature, bank_limit
+        self.num_classes, self.k, self.temperature = num_classes, k, temperature
 
     def run(self, encoder: nn.Module, device: torch.device, amp_dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """{'knn/top1': %, 'knn/top5': %}. A collective: every rank calls it at the same step.
@@ -135,7 +135,7 @@ class KnnMonitor:
         Features are stored in fp16 on CUDA (ranking by cosine needs no more), fp32 on the CPU.
         """
         store = torch.float16 if device.type == "cuda" else torch.float32
-        bank, bank_labels = loader_features(encoder, self.bank_loader, device, amp_dtype, store, self.bank_limit)
+        bank, bank_labels = loader_features(encoder, self.bank_loader, device, amp_dtype, store)
         query, query_labels = loader_features(encoder, self.query_loader, device, amp_dtype, store)
         return knn_accuracy(bank, bank_labels, query, query_labels, self.num_classes, self.k, self.temperature)
 

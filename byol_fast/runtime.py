@@ -145,7 +145,9 @@ class SaveSchedule:
         self.stop_requested = False
         self.last_save = time.monotonic()
         self._group = None
-        self._pending = None  # (work, flags) of the all-reduce started by the last poll
+        self._pending = None  # (work, flags, poll number) of the all-reduce started by a poll
+        self._polls = 0
+        self._saved_at = -1  # poll number of the last save
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             self._group = tdist.new_group(backend="gloo")
 
@@ -167,6 +169,7 @@ class SaveSchedule:
 
     def saved(self) -> None:
         self.last_save = time.monotonic()
+        self._saved_at = self._polls
 
     def close(self) -> None:
         """Finish the all-reduce in flight (every rank started it, so it completes)."""
@@ -175,15 +178,18 @@ class SaveSchedule:
             self._pending = None
 
     def _agree(self, stop: bool, due: bool) -> tuple[bool, bool]:
+        self._polls += 1
         if self._group is None:
             return stop, due
         agreed = (False, False)
         if self._pending is not None:
-            work, flags = self._pending
+            work, flags, started = self._pending
             work.wait()  # started a step ago on CPU threads: finished, or nearly
-            agreed = (bool(flags[0]), bool(flags[1]))
+            # A save since that poll (every rank made it, at the same step) answers its "due".
+            agreed = (bool(flags[0]), bool(flags[1]) and started > self._saved_at)
         flags = torch.tensor([float(stop), float(due)])
-        self._pending = (tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self._group, async_op=True), flags)
+        work = tdist.all_reduce(flags, op=tdist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, flags, self._polls)
         return agreed
 
 

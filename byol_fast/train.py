@@ -45,9 +45,9 @@ def knn_monitor(cfg: Config, bank, info, device: torch.device, batch: int) -> Kn
     size = cfg.data.image_size
     crops = LinearDataConfig(image_size=size, resize=round(size * 256 / 224), interp=cfg.data.interp,
                              mean=cfg.data.mean, std=cfg.data.std)
+    bank = bank.sample(cfg.monitor.knn_bank_limit * info.world_size, cfg.seed)  # a random subset, every class in it
     loaders = [eval_loader(split, False, crops, cfg.reader, batch, info, device, cfg.seed) for split in (bank, query)]
-    return KnnMonitor(*loaders, bank.num_classes, cfg.monitor.knn_k, cfg.monitor.knn_temperature,
-                      cfg.monitor.knn_bank_limit)
+    return KnnMonitor(*loaders, bank.num_classes, cfg.monitor.knn_k, cfg.monitor.knn_temperature)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -150,12 +150,12 @@ class Run:
     def _resume_loader(self, states: list) -> None:
         """This rank's saved position, or, saved by another number of processes, the same point of
         the same epoch in this world's data order."""
-        if len(states) == self.info.world_size and states[self.info.rank] is not None:
+        if len(states) == self.info.world_size and "epoch" in (states[self.info.rank] or {}):
             self.loader.load_state_dict(states[self.info.rank])
             return
         epoch, done = divmod(self.step, self.steps_per_epoch)
-        self.log(f"loader positions saved by {len(states)} process(es), this run has {self.info.world_size}: "
-                 f"epoch {epoch} continues in this world's data order")
+        self.log(f"no loader position of this run's kind for {self.info.world_size} process(es) in the checkpoint "
+                 f"(saved by {len(states)}, or by an older version): epoch {epoch} continues in this run's data order")
         self.loader.load_state_dict({"epoch": epoch, "step": done * self.cfg.optim.accumulate})
 
     # ------------------------------------------------------------------ the loop
@@ -226,10 +226,16 @@ class Run:
                 f"or fp32), or bad input data. The last checkpoint ({self.out / ckpt.LAST}) is from before.")
 
     def _batches(self):
-        """An endless stream of (view1, view2[, labels]) micro-batches on the training device."""
-        channels_last = self.cfg.channels_last
+        """An endless stream of (view1, view2[, labels]) micro-batches on the training device.
+
+        A training epoch is ``steps_per_epoch x accumulate`` micro-batches; a loader epoch whose steps
+        do not divide by ``accumulate`` has its last few read and dropped, so that training epochs and
+        loader epochs stay one and the same (epoch-end saves and monitors fall on epoch boundaries)."""
+        channels_last, keep = self.cfg.channels_last, self.steps_per_epoch * self.cfg.optim.accumulate
         while True:
             for view1, view2, *labels in self.loader:
+                if self.loader.step > keep:
+                    continue
                 yield (to_device(view1, self.device, channels_last), to_device(view2, self.device, channels_last),
                        *(y.to(self.device, non_blocking=True) for y in labels))
 

@@ -1,8 +1,8 @@
 """The loader contract: what every byol_fast loader promises, and which files rank r reads in epoch e.
 
-Four loaders implement it: the DALI two-view loader and the DALI evaluation loader
-(``pipelines.loader``), and their PIL/torchvision references (``pipelines.reference``). Each is an
-:class:`EpochLoader`:
+The DALI two-view and evaluation loaders (``pipelines.loader``), their PIL/torchvision references
+(``pipelines.reference``) and linear evaluation's cached features (``byol_fast.classifier``) implement
+it; each is an :class:`EpochLoader`:
 
 - ``steps_per_epoch``: batches per epoch, the same on every rank (collectives such as DDP and
   SyncBatchNorm would wait forever on a rank that stopped early);
@@ -89,32 +89,37 @@ class EpochLoader:
     def __init__(self, num_files: int, batch_size: int, shard: Shard, seed: int, train: bool):
         self.num_files, self.batch_size, self.shard, self.seed, self.train = num_files, batch_size, shard, seed, train
         self.steps_per_epoch = steps_per_epoch(num_files, batch_size, shard.world_size, train)
-        self.epoch = 0
-        self.step = 0  # batches of ``epoch`` already returned
+        self._epoch = 0
+        self.step = 0  # batches of ``_epoch`` already returned
 
     def __len__(self) -> int:
         return self.steps_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the next batch (a finished epoch counts as the start of the next)."""
+        return self._next_position()[0]
 
     def files_of(self, epoch: int) -> list[int]:
         return rank_files(self.num_files, self.batch_size, self.shard, epoch, self.seed, self.train)
 
     def __iter__(self):
-        self.epoch, self.step = self._next_position()
-        for batch in self._batches(self.epoch, self.step):
+        self._epoch, self.step = self._next_position()
+        for batch in self._batches(self._epoch, self.step):
             self.step += 1  # before the yield: a state taken while the batch is in use counts it
             yield batch
-        self.epoch, self.step = self._next_position()
+        self._epoch, self.step = self._next_position()
 
     def _next_position(self) -> tuple[int, int]:
         """(epoch, step) of the next batch: a finished epoch is the start of the next one."""
-        return (self.epoch + 1, 0) if self.step >= self.steps_per_epoch else (self.epoch, self.step)
+        return (self._epoch + 1, 0) if self.step >= self.steps_per_epoch else (self._epoch, self.step)
 
     def state_dict(self) -> dict:
         epoch, step = self._next_position()
         return {"epoch": epoch, "step": step, **self._position(epoch, step)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self._epoch, self.step = int(state["epoch"]), int(state["step"])
         self._restore(state)
 
     def _batches(self, epoch: int, step: int):

@@ -1,6 +1,6 @@
 """The DALI graphs as loaders of torch tensors, under the loader contract (``pipelines.contract``).
 
-Each epoch builds the rank's pipeline afresh over the files :func:`pipelines.contract.rank_files`
+Each training epoch builds the rank's pipeline afresh over the files :func:`pipelines.contract.rank_files`
 gives it, seeded by (seed, rank, epoch) (a CPU build takes tens of milliseconds), so a new epoch
 needs no saved state and a position inside an epoch is the DALI checkpoint of that pipeline
 (reader position and every random generator).
@@ -36,23 +36,34 @@ def labels_to_torch(batch) -> torch.Tensor:
 
 
 class _DaliLoader(EpochLoader):
-    """One pipeline per epoch; subclasses say how to build it (``_build``) and read it (``_convert``)."""
+    """One pipeline per epoch; subclasses say how to build it (``_build``) and read it (``_convert``).
+
+    A pipeline walks the epoch's files from ``offset`` batches in: 0, except when a position inside an
+    epoch is restored without a DALI checkpoint (a run resumed by another number of processes), where
+    the rest of the epoch's files are read with fresh random draws.
+    """
 
     def __init__(self, files, labels, batch_size: int, device: str, shard: Shard, seed: int,
                  torch_device: torch.device, train: bool):
         super().__init__(len(files), batch_size, shard, seed, train)
         self.files, self.labels = list(files), None if labels is None else list(labels)
         self.device, self.torch_device = device, torch.device(torch_device)
-        self._pipe, self._pipe_epoch = None, None
-        self._saved = None  # (epoch, DALI checkpoint) handed over by load_state_dict, used at the next build
+        self._pipe, self._pipe_epoch, self._offset = None, None, 0
+        self._saved = None  # (epoch, DALI checkpoint, offset) from load_state_dict, used at the next build
 
     def _pipeline(self, epoch: int, step: int):
-        if self._pipe_epoch != epoch:
-            order = self.files_of(epoch)
-            checkpoint = self._saved[1] if self._saved and self._saved[0] == epoch and step > 0 else None
-            self._pipe = None  # free the last epoch's pipeline before building the next
-            self._pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint)
-            self._pipe_epoch, self._saved = epoch, None
+        if self._pipe_epoch == epoch:
+            return self._pipe
+        if not self.train and self._pipe is not None and step == 0 and self._offset == 0:
+            self._pipe_epoch = epoch  # evaluation: the same files every epoch, one reader epoch each
+            return self._pipe
+        saved = self._saved if self._saved and self._saved[0] == epoch and step > 0 else None
+        checkpoint, offset = (saved[1], saved[2]) if saved and saved[1] is not None else (None, step)
+        order = self.files_of(epoch)[offset * self.batch_size:]
+        self._pipe = None  # free the last epoch's pipeline before building the next
+        self._pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint,
+                                 self.steps_per_epoch - offset)
+        self._pipe_epoch, self._offset, self._saved = epoch, offset, None
         return self._pipe
 
     def _batches(self, epoch: int, step: int):
@@ -61,15 +72,15 @@ class _DaliLoader(EpochLoader):
             yield self._convert(pipe.run(), k)
 
     def _position(self, epoch: int, step: int) -> dict:
-        if step == 0:
-            return {"pipeline": None}
-        if self._pipe_epoch == epoch:
-            return {"pipeline": self._pipe.checkpoint()}
-        return {"pipeline": self._saved[1] if self._saved and self._saved[0] == epoch else None}
+        if step > 0 and self._pipe_epoch == epoch:
+            return {"pipeline": self._pipe.checkpoint(), "offset": self._offset}
+        if step > 0 and self._saved and self._saved[0] == epoch:
+            return {"pipeline": self._saved[1], "offset": self._saved[2]}
+        return {"pipeline": None, "offset": 0}
 
     def _restore(self, state: dict) -> None:
-        self._pipe, self._pipe_epoch = None, None  # rebuilt lazily from the checkpoint
-        self._saved = (self.epoch, state.get("pipeline"))
+        self._pipe, self._pipe_epoch, self._offset = None, None, 0  # rebuilt lazily from the checkpoint
+        self._saved = (self._epoch, state.get("pipeline"), int(state.get("offset", 0)))
 
     def _tensor(self, batch) -> torch.Tensor:
         out = to_torch(batch)
@@ -92,7 +103,7 @@ class DaliTwoViewLoader(_DaliLoader):
         super().__init__(files, labels, batch_size, device, shard, seed, torch_device, train=True)
         self.data, self.reader = data, reader
 
-    def _build(self, order, seed, checkpoint):
+    def _build(self, order, seed, checkpoint, steps):
         from pipelines.pretrain import build_pretrain_pipeline
 
         labels = None if self.labels is None else [self.labels[i] for i in order]
@@ -111,7 +122,8 @@ class DaliEvalLoader(_DaliLoader):
 
     train=True: random resized crop + flip, a new partition of the files every epoch. train=False:
     resize + center crop, every file of the rank's block once per epoch in order; the list is padded
-    to whole batches with repeats of its last file, and the padding is cut off here.
+    to whole batches with repeats of its last file, the padding is cut off here, and one pipeline
+    serves every epoch.
     """
 
     def __init__(self, files, labels, train: bool, data: LinearDataConfig, reader: ReaderConfig, batch_size: int,
@@ -122,11 +134,10 @@ class DaliEvalLoader(_DaliLoader):
         self.data, self.reader = data, reader
         self._real = len(self.files_of(0))  # files of this rank before padding (evaluation)
 
-    def _build(self, order, seed, checkpoint):
+    def _build(self, order, seed, checkpoint, steps):
         from pipelines.evaluation import build_eval_pipeline
 
-        slots = self.steps_per_epoch * self.batch_size
-        order = order + [order[-1] if order else 0] * (slots - len(order))
+        order = order + [order[-1] if order else 0] * (steps * self.batch_size - len(order))
         return build_eval_pipeline([self.files[i] for i in order], [self.labels[i] for i in order], self.data,
                                    self.reader, self.train, self.batch_size, self.device,
                                    self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint)

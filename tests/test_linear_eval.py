@@ -151,3 +151,31 @@ def _ddp_worker(rank, ckpt, data, out):
     code = linear_eval.main(["--checkpoint", ckpt, "--data", data, f"--out_dir={out}", *FAST, "--epochs=1",
                              "--device=cpu", "--features=cached"])
     assert code == 0
+
+
+def test_a_stop_signal_exits_75_and_the_rerun_resumes_after_the_last_whole_epoch(data_root, pretrain_ckpt, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import CHILD_ENV
+
+    out = tmp_path / "stopped"
+    cmd = [sys.executable, "-m", "byol_fast.linear_eval", "--checkpoint", str(pretrain_ckpt), "--data", str(data_root),
+           f"--out_dir={out}", *FAST, "--epochs=200", "--device=cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch 2/200"):
+            proc.send_signal(signal.SIGUSR1)
+            break
+    seen += proc.stdout.readlines()
+    assert proc.wait(timeout=120) == 75, "".join(seen)[-3000:]
+    done = torch.load(out / "last.pt", weights_only=False)["epoch"]
+    assert 2 <= done < 200 and len(json.loads((out / "results.json").read_text())["epochs"]) == done
+    # The rerun asks for one epoch more than were done (not 200), enough to see it resume and finish.
+    res = subprocess.run(cmd[:-2] + ["--epochs=" + str(done + 1), "--device=cpu"], cwd=ROOT, env=CHILD_ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and f"resumed from {out / 'last.pt'} after epoch {done}" in res.stdout, res.stdout[-2000:]
+    assert [r["epoch"] for r in json.loads((out / "results.json").read_text())["epochs"]] == list(range(1, done + 2))

@@ -14,7 +14,7 @@ import torch
 
 from byol_fast.classifier import FeatureLoader
 from byol_fast.config import DataConfig, LinearDataConfig
-from conftest import IDENTITY, READER, save
+from conftest import IDENTITY, READER, save, smooth_texture
 from pipelines.contract import Shard, rank_files, steps_per_epoch
 from pipelines.loader import DaliEvalLoader, DaliTwoViewLoader
 from pipelines.reference import TorchvisionEvalLoader, TorchvisionTwoViewLoader
@@ -32,12 +32,19 @@ def greys(tmp_path_factory):
     return [save(root / f"grey{i:02d}.png", np.full((S, S, 3), 8 + 15 * i, np.uint8)) for i in range(16)]
 
 
-def make(kind: str, files, shard: Shard, train: bool = True):
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Textured JPEGs: random crops, flips and colour changes all show in their pixels."""
+    root, rng = tmp_path_factory.mktemp("photos"), np.random.default_rng(0)
+    return [save(root / f"photo{i:02d}.jpg", smooth_texture(rng, 40, 48)) for i in range(16)]
+
+
+def make(kind: str, files, shard: Shard, train: bool = True, views: DataConfig = TWO_VIEW):
     labels = list(range(len(files)))
     if kind == "dali-two-view":
-        return DaliTwoViewLoader(files, TWO_VIEW, READER, BATCH, "cpu", shard, SEED, CPU, labels=labels)
+        return DaliTwoViewLoader(files, views, READER, BATCH, "cpu", shard, SEED, CPU, labels=labels)
     if kind == "torchvision-two-view":
-        return TorchvisionTwoViewLoader(files, TWO_VIEW, BATCH, 0, shard, SEED, labels=labels)
+        return TorchvisionTwoViewLoader(files, views, BATCH, 0, shard, SEED, labels=labels)
     if kind == "dali-eval":
         return DaliEvalLoader(files, labels, train, CROPS, READER, BATCH, "cpu", shard, SEED, CPU)
     if kind == "torchvision-eval":
@@ -65,7 +72,11 @@ def files_read(batch) -> list[int]:
 
 
 def one_epoch(loader) -> list[list[int]]:
-    batches = [files_read(b) for b in loader]
+    batches = []
+    for b in loader:
+        assert all(len(t) == len(b[-1]) for t in b)  # images and labels of the same samples
+        assert all(t.shape[1:] in ((3, S, S), (1,)) for t in b[:-1])  # even a short or empty batch
+        batches.append(files_read(b))
     assert len(batches) == loader.steps_per_epoch
     return batches
 
@@ -108,6 +119,48 @@ def test_a_mid_epoch_state_gives_the_same_next_batches_bit_for_bit(greys, kind, 
     for a, b in zip(following, again):
         assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert resumed.epoch == loader.epoch
+
+
+def batches_of(loader) -> list[tuple]:
+    return [tuple(t.clone() for t in b) for b in loader]
+
+
+@pytest.mark.parametrize("kind", ["dali-two-view", "torchvision-two-view", "dali-eval", "torchvision-eval"])
+def test_the_random_draws_resume_too(photos, kind):
+    """The paper's views (two-view loaders) or random crops and flips (evaluation's training crops) on
+    textured images: a state taken mid-epoch gives back the same pixels, not only the same files."""
+    recipe = DataConfig(image_size=S)
+    loader = make(kind, photos, Shard(1, 2), views=recipe)
+    stream = iter(loader)
+    first = tuple(t.clone() for t in next(stream))
+    state = loader.state_dict()
+    following = [tuple(t.clone() for t in b) for b in stream] + batches_of(loader)
+    resumed = make(kind, photos, Shard(1, 2), views=recipe)
+    resumed.load_state_dict(state)
+    again = batches_of(resumed) + batches_of(resumed)
+    assert len(again) == len(following) == 2 * loader.steps_per_epoch - 1
+    assert all(torch.equal(x, y) for a, b in zip(following, again) for x, y in zip(a, b))
+    assert not any(torch.equal(first[0], b[0]) for b in following)  # the draws differ from batch to batch
+    assert torch.equal(next(iter(make(kind, photos, Shard(1, 2), views=recipe)))[0], first[0])  # and are seeded
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_position_without_a_pipeline_checkpoint_reads_the_rest_of_the_epoch(greys, kind):
+    """{epoch, step} alone (what a run resumed by another number of processes has): the files that
+    follow are those an uninterrupted loader reads next."""
+    straight = make(kind, greys, Shard(0, 2))
+    one_epoch(straight)
+    expected = one_epoch(straight)[2:] + one_epoch(straight)  # epoch 1 from step 2, then epoch 2
+    resumed = make(kind, greys, Shard(0, 2))
+    resumed.load_state_dict({"epoch": 1, "step": 2})
+    assert resumed.epoch == 1
+    assert one_epoch_from(resumed, 2) + one_epoch(resumed) == expected
+
+
+def one_epoch_from(loader, step: int) -> list[list[int]]:
+    batches = [files_read(b) for b in loader]
+    assert len(batches) == loader.steps_per_epoch - step
+    return batches
 
 
 @pytest.mark.parametrize("kind", ["dali-eval", "torchvision-eval"])

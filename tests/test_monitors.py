@@ -9,6 +9,7 @@ import torch.distributed as tdist
 import torch.multiprocessing as mp
 from torch import nn
 
+from byol_fast.index import Index
 from byol_fast.metrics import collapse_stats
 from byol_fast.monitors import (KnnMonitor, OnlineProbe, knn_accuracy, knn_neighbours, knn_votes,
                                 topk_correct)
@@ -83,9 +84,22 @@ def test_knn_monitor_uses_eval_mode_and_restores_it():
     acc = monitor.run(encoder, torch.device("cpu"))
     assert acc["knn/top1"] == pytest.approx(200 / 3)
     assert encoder.training and encoder[1].num_batches_tracked.item() == 0
-    # bank_limit keeps the first images only: then the 180-degree bank point is gone.
-    limited = KnnMonitor(bank_loader, query_loader, num_classes=2, k=1, bank_limit=3)
-    assert limited.run(encoder, torch.device("cpu"))["knn/top1"] == pytest.approx(100 / 3)
+    # Without the 180-degree bank point (a smaller bank), the query at 175 degrees is lost.
+    smaller = KnnMonitor(bank_loader[:1] + [(bank[2:3].view(1, 2, 1, 1), labels[2:3])], query_loader, 2, k=1)
+    assert smaller.run(encoder, torch.device("cpu"))["knn/top1"] == pytest.approx(100 / 3)
+
+
+def test_a_smaller_bank_is_a_seeded_random_sample_of_every_class():
+    """monitor.knn_bank_limit: an index in class order, sampled; a cut would keep the first class only."""
+    files = [f"/r/c{i // 10}/{i:02d}.jpg" for i in range(40)]
+    index = Index(root="/r", files=files, labels=[i // 10 for i in range(40)], classes=["c0", "c1", "c2", "c3"],
+                  kinds=["JPEG:RGB"] * 40)
+    small = index.sample(8, seed=0)
+    assert len(small) == 8 and set(small.files) < set(files) and small.files == sorted(small.files)
+    assert all(f"/c{label}/" in f for f, label in zip(small.files, small.labels))  # labels stay with their files
+    assert len(set(small.labels)) > 1 and small.classes == index.classes
+    assert index.sample(8, seed=0).files == small.files != index.sample(8, seed=1).files
+    assert index.sample(0, seed=0) is index and index.sample(40, seed=0) is index
 
 
 def test_collapse_stats_hand_cases():

@@ -38,14 +38,14 @@ def test_saves_fall_due_on_time():
     assert schedule.poll() == (False, False)
 
 
-def test_every_rank_stops_at_the_same_step():
-    """Two gloo processes; only rank 1 is signalled, at step 3: both save and stop at step 4."""
+def test_every_rank_stops_and_saves_at_the_same_steps():
+    """Two gloo processes. Only rank 1 is signalled, at step 6: both stop at step 7. Only rank 0's
+    clock says a save is due, at step 2: both save at step 3, once (not again at step 4)."""
     import torch.multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Manager().dict()
+    results = mp.get_context("spawn").Manager().dict()
     mp.spawn(_agreeing_rank, args=(results, 29600 + os.getpid() % 300), nprocs=2)
-    assert dict(results) == {0: 4, 1: 4}
+    assert dict(results) == {0: ([3, 7], 7), 1: ([3, 7], 7)}
 
 
 def _agreeing_rank(rank, results, port):
@@ -54,15 +54,20 @@ def _agreeing_rank(rank, results, port):
     ddp_env(rank, 2, port)
     tdist.init_process_group("gloo")
     try:
-        schedule = SaveSchedule(NEVER, log=lambda msg: None)
-        for step in range(1, 10):
-            if rank == 1 and step == 3:
+        schedule = SaveSchedule(60, log=lambda msg: None)
+        saves = []
+        for step in range(1, 12):
+            if rank == 0 and step == 2:
+                schedule.last_save -= 3601  # an hour since the last save, on this rank's clock only
+            if rank == 1 and step == 6:
                 schedule.stop_requested = True
             save, stop = schedule.poll()
-            assert save == stop
+            if save:
+                saves.append(step)
+                schedule.saved()
             if stop:
-                results[rank] = step
                 break
+        results[rank] = (saves, step)
         schedule.close()
     finally:
         tdist.destroy_process_group()
