@@ -179,8 +179,13 @@ class LinearConfig:
     log_every: int = 50  # steps between loss reads (each read is a host sync)
 
 
-# The one table of choices: a field of this name, in any section of any schema, takes one of these.
+TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+BACKBONES = (*TORCHVISION_BACKBONES, "tiny_resnet")  # tiny_resnet: the CPU demo's (byol_fast.model.TinyResNet)
+
+# The one table of choices: a field of this name, in any section of any schema, takes one of these
+# (or stays empty where its default is empty: "not set", e.g. linear evaluation's backbone).
 CHOICES = {
+    "backbone": BACKBONES,
     "interp": ("cubic", "linear"),
     "loader": ("dali", "torchvision"),
     "decode": ("auto", "cpu", "gpu"),
@@ -266,7 +271,9 @@ def _build(cls: type, values: dict, prefix: str = ""):
 def _check_choices(obj, prefix: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name in CHOICES and not dataclasses.is_dataclass(value) and value not in CHOICES[f.name]:
+        if f.name not in CHOICES or dataclasses.is_dataclass(value) or (value == "" and f.default == ""):
+            continue
+        if value not in CHOICES[f.name]:
             raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(CHOICES[f.name])}")
 
 

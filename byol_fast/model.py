@@ -12,13 +12,11 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from .config import ModelConfig
+from .config import BACKBONES, TORCHVISION_BACKBONES, ModelConfig
 from .loss import byol_loss
 
-TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Not a torchvision model: the CPU demo's backbone (config/demo.yaml), see TinyResNet.
 TINY = "tiny_resnet"
-BACKBONES = (*TORCHVISION_BACKBONES, TINY)
 
 
 class TinyResNet(nn.Module):

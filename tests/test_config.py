@@ -54,6 +54,7 @@ def test_exponents_without_a_dot_are_floats(tmp_path):
     (["--compile=3"], "compile"),
     (["--data.view1.crop_area=[0.1]"], "data.view1.crop_area"),
     (["--precision=fp8"], "precision"),
+    (["--model.backbone=resnet51"], "model.backbone"),
     (["--reader.loader=pil"], "reader.loader"),
     (["--data.loader=dali"], "reader.loader"),  # moved: the message says where to
     (["--optim=1"], "optim"),
