@@ -26,7 +26,7 @@ import torch
 
 from .checkpoint import save_encoder
 from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
-from .model import TORCHVISION_BACKBONES
+from .config import TORCHVISION_BACKBONES
 from .runtime import run_cli
 
 

@@ -12,7 +12,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
-from .config import BACKBONES, TORCHVISION_BACKBONES, ModelConfig
+from .config import BACKBONES, ModelConfig
 from .loss import byol_loss
 
 # Not a torchvision model: the CPU demo's backbone (config/demo.yaml), see TinyResNet.
