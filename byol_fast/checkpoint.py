@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import safe_load
+
 LAST = "last.pt"
 PRETRAIN = "byol_fast.pretrain"
 LINEAR = "byol_fast.linear_eval"
@@ -82,9 +84,12 @@ def load(path: str | Path, kind: str | None = None, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = safe_load.read(path, map_location)  # never runs code from the file
+    except safe_load.UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a byol_fast checkpoint (found {type(state).__name__})")
     if kind is not None and kind_of(state) != kind:
@@ -93,7 +98,11 @@ def load(path: str | Path, kind: str | None = None, map_location="cpu") -> dict:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as numbers, strings and tensors, so that the file loads with
+    ``torch.load(weights_only=True)`` alone (numpy's key array becomes an int64 tensor)."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -101,7 +110,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

@@ -89,7 +89,7 @@ def test_cached_run_results_resume_and_frozen_encoder(data_root, pretrain_ckpt, 
     # The frozen encoder in the linear checkpoint is the pretraining online encoder, bit for bit
     # (eval mode: not even the batch-norm running statistics moved).
     online = torch.load(pretrain_ckpt)["online"]
-    saved = torch.load(out / "last.pt", weights_only=False)
+    saved = torch.load(out / "last.pt", weights_only=True)
     assert set(saved["encoder"]) == {k[len("encoder."):] for k in online if k.startswith("encoder.")}
     assert all(torch.equal(saved["encoder"][k], online["encoder." + k]) for k in saved["encoder"])
     images = torch.rand(2, 3, 32, 32)
@@ -123,7 +123,7 @@ def test_random_init_baseline_goes_beside_the_checkpoint(data_root, pretrain_ckp
     doc = json.loads((out / "results.json").read_text())
     assert doc["source"]["init"] == "random" and doc["source"]["backbone"] == "resnet18"
     online = torch.load(pretrain_ckpt)["online"]
-    saved = torch.load(out / "last.pt", weights_only=False)["encoder"]
+    saved = torch.load(out / "last.pt", weights_only=True)["encoder"]
     assert not torch.equal(saved["conv1.weight"], online["encoder.conv1.weight"])
 
 
@@ -172,7 +172,7 @@ def test_a_stop_signal_exits_75_and_the_rerun_resumes_after_the_last_whole_epoch
             break
     seen += proc.stdout.readlines()
     assert proc.wait(timeout=120) == 75, "".join(seen)[-3000:]
-    done = torch.load(out / "last.pt", weights_only=False)["epoch"]
+    done = torch.load(out / "last.pt", weights_only=True)["epoch"]
     assert 2 <= done < 200 and len(json.loads((out / "results.json").read_text())["epochs"]) == done
     # The rerun asks for one epoch more than were done (not 200), enough to see it resume and finish.
     res = subprocess.run(cmd[:-2] + ["--epochs=" + str(done + 1), "--device=cpu"], cwd=ROOT, env=CHILD_ENV,

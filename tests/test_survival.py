@@ -67,7 +67,7 @@ def kill_when(proc: subprocess.Popen, marker: str, pid_of=lambda line: None, sig
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(path, weights_only=False)
+    state = torch.load(path, weights_only=True)
     out = {f"{part}.{k}": v for part in ("online", "target", "predictor") for k, v in state[part].items()}
     for i, s in state["optimizer"]["state"].items():
         out.update({f"optimizer.{i}.{k}": v for k, v in s.items() if torch.is_tensor(v)})
@@ -81,7 +81,7 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
                             stderr=subprocess.STDOUT, text=True)
     printed = kill_when(proc, "step 5/8")  # mid-epoch 3: the checkpoint of step 4 is the last complete one
     assert proc.wait(timeout=60) == -signal.SIGKILL
-    assert torch.load(killed / "last.pt", weights_only=False)["step"] == 4, printed[-2000:]
+    assert torch.load(killed / "last.pt", weights_only=True)["step"] == 4, printed[-2000:]
     # A write cut short by the kill leaves only a temporary file, which resume ignores and removes.
     torn = killed / ".last.pt.99999.tmp"
     torn.write_bytes(b"PK\x03\x04 half a checkpoint")
@@ -101,12 +101,12 @@ def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path
     printed = kill_when(proc, "step 3/8", sig=sig)  # mid-epoch: no checkpoint due at this step
     printed += proc.stdout.read()
     assert proc.wait(timeout=120) == 75, printed[-3000:]
-    stopped = torch.load(out / "last.pt", weights_only=False)["step"]
+    stopped = torch.load(out / "last.pt", weights_only=True)["step"]
     assert stopped >= 3 and f"stopped at step {stopped}" in printed
     res = subprocess.run(train_cmd(images, out, loader=loader), env=CHILD_ENV, cwd=ROOT, capture_output=True,
                          text=True, timeout=300)
     assert res.returncode == 0 and f"at step {stopped}" in res.stdout, res.stdout[-3000:]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 8
     # Saved where the signal stopped it (mid-epoch when the step is odd), resumed bit for bit.
     assert_same_weights(uninterrupted(loader), weights(out / "last.pt"))
 
@@ -124,7 +124,7 @@ def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0, (printed + rest)[-3000:]
     assert "resumed from" in rest and "at step 2" in rest, rest[-3000:]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 8
 
 
 # ---------------------------------------------------------------------------- N processes = accumulation

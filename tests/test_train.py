@@ -26,7 +26,7 @@ def test_pretrain_checkpoint_and_resume(images, tmp_path, capsys):
     out = tmp_path / "run"
     args = TINY + [f"--data.path={images}", f"--out_dir={out}", "--optim.batch_size=8"]
     assert run(args + ["--max_steps=3"]) == 0
-    state = torch.load(out / "last.pt", weights_only=False)
+    state = torch.load(out / "last.pt", weights_only=True)
     assert state["step"] == 3
     assert (out / "config.yaml").is_file()
     assert any(p.name.startswith("events.out.tfevents") for p in out.iterdir())
@@ -37,7 +37,7 @@ def test_pretrain_checkpoint_and_resume(images, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "resumed from" in printed and "at step 3" in printed
     assert "step 4/" in printed and "step 3/" not in printed.split("resumed from")[1]
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 5
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 5
 
 
 def test_errors_are_one_line_and_name_the_problem(images, tmp_path, capsys):
@@ -69,7 +69,7 @@ def test_two_process_gloo_run(images, tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "2 process(es)" in res.stdout
     assert "4/process x 2" in res.stdout
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 2
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_knn_monitor_runs_at_epoch_ends_and_needs_a_val_split(tmp_path, capsys):
@@ -102,11 +102,11 @@ def test_online_probe_trains_on_labels_and_resumes(images, tmp_path, capsys, loa
     top1 = [float(line.split("probe_top1 ")[1].split()[0]) for line in printed.splitlines() if "probe_top1" in line]
     # log_every=1: each figure is one step of 8 images, so a whole number of eighths
     assert len(top1) == 2 and all(t * 8 / 100 == pytest.approx(round(t * 8 / 100), abs=1e-3) for t in top1)
-    probe = torch.load(out / "last.pt", weights_only=False)["probe"]
+    probe = torch.load(out / "last.pt", weights_only=True)["probe"]
     assert probe["head"]["weight"].shape == (2, 512)  # two classes, ResNet-18 features
     assert run(args + ["--max_steps=3"]) == 0
     assert "at step 2" in capsys.readouterr().out
-    moved = torch.load(out / "last.pt", weights_only=False)["probe"]["head"]["weight"]
+    moved = torch.load(out / "last.pt", weights_only=True)["probe"]["head"]["weight"]
     assert not torch.equal(moved, probe["head"]["weight"])
 
 

@@ -1,0 +1,103 @@
+"""Reading a file a user points at without ever running code from it.
+
+A pickle names the Python callables that rebuild its objects, and an unpickler calls them: a file
+saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` returns
+``(os.system, ("...",))``, runs that command on ``torch.load(..., weights_only=False)``
+(byol_fast/REFERENCE.md section 3). So every file a user hands byol_fast (``--checkpoint``,
+``load_feature_extractor``, resume, ``convert``) goes through :func:`read`:
+
+- torch files, zip or legacy format: ``torch.load(weights_only=True)``, which admits tensors,
+  numbers, strings, bytes and containers, plus numpy arrays (:data:`NUMPY_GLOBALS`: numpy rebuilds
+  an array from its raw bytes; no callable of the file's choosing runs);
+- plain pickles of numpy arrays (Paddle's ``.pdparams``, a JAX/Haiku ``.pkl``): :class:`ArrayUnpickler`,
+  which admits the same numpy array globals and ``collections.OrderedDict``, nothing else.
+
+Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for.
+"""
+from __future__ import annotations
+
+import codecs
+import collections
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UnsafeFileError(ValueError):
+    """A file that would run code to load; the message names the file and the callable."""
+
+
+def _numpy_globals() -> list:
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+
+
+NUMPY_GLOBALS = _numpy_globals()
+
+# (module, name) pairs a plain pickle may name: numpy's array and scalar reconstruction (under the
+# module names numpy 1 and numpy 2 write), OrderedDict, and the str -> bytes encoding with which
+# protocol-2 pickles write bytes.
+_PICKLE_ALLOWED = {("collections", "OrderedDict"), ("_codecs", "encode")} | {
+    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+    for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class ArrayUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays in plain containers and refuses every other global."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _PICKLE_ALLOWED:
+            if module == "collections":
+                return collections.OrderedDict
+            if module == "_codecs":
+                return codecs.encode
+            if name in ("ndarray", "dtype"):
+                return getattr(np, name)
+            multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+            return getattr(multiarray, name)
+        if module in ("numpy.dtypes", "numpy") and name.endswith("DType") and hasattr(np.dtypes, name):
+            return getattr(np.dtypes, name)
+        raise UnsafeFileError(f"{module}.{name}")
+
+
+def _refusal(path: Path, what: str) -> UnsafeFileError:
+    return UnsafeFileError(f"{path}: refused: loading it would call {what}; byol_fast reads only tensors, "
+                           "arrays, numbers, strings and containers from a file, never code")
+
+
+def read(path: str | Path, map_location="cpu"):
+    """The object in ``path`` (a torch file or a plain pickle of arrays), read without running code.
+
+    Raises UnsafeFileError for a file that names any other callable, and lets the readers' own
+    errors through for a file that is neither (the caller words them)."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle, read below
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise _refusal(path, found.group(1)) from None
+        if zipfile.is_zipfile(path):
+            raise
+    except RuntimeError as e:  # not a torch file: a plain pickle, perhaps
+        if "magic number" not in str(e) and "load key" not in str(e):
+            raise
+    return read_pickle(path)
+
+
+def read_pickle(path: str | Path):
+    """A plain pickle of numpy arrays in dicts, lists and tuples, read with :class:`ArrayUnpickler`."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        try:
+            return ArrayUnpickler(f).load()
+        except UnsafeFileError as e:
+            raise _refusal(path, str(e)) from None
