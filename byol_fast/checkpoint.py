@@ -6,10 +6,10 @@ Three kinds of file, each tagged with its kind when written and told apart by it
   RNG and loader states, the config; a top-level ``"kind"`` entry;
 - :data:`LINEAR` (``runs/x/linear/last.pt``): the frozen encoder, the classifier, its optimizer,
   the epoch and the results so far; a top-level ``"kind"`` entry;
-- :data:`ENCODER` (``python -m byol_fast.export``): a plain torchvision state_dict. Its tag sits in
-  the state_dict's own ``_metadata`` (where PyTorch keeps per-module versions), so
-  ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` still sees nothing but
-  tensors and reports only ``fc.*`` missing.
+- :data:`ENCODER` (``python -m byol_fast.export``): a plain torchvision state_dict. Its tag (and the
+  input normalisation) sits in the state_dict's own ``_metadata`` (where PyTorch keeps per-module
+  versions), so ``torchvision.models.resnet50().load_state_dict(sd, strict=False)`` still sees
+  nothing but tensors and reports only ``fc.*`` missing; as ``.safetensors``, in its string metadata.
 
 Pretraining files written before the tags existed are recognised by their keys.
 
@@ -18,6 +18,8 @@ old one, so a crash (even kill -9) mid-write leaves the previous file intact.
 """
 from __future__ import annotations
 
+import collections
+import json
 import os
 import random
 import subprocess
@@ -60,12 +62,51 @@ def save(state: dict, path: str | Path, kind: str) -> None:
     atomic_save({"kind": kind, **state}, path)
 
 
-def save_encoder(state_dict: dict, path: str | Path) -> None:
-    """Write an exported encoder: a torchvision state_dict whose ``_metadata`` carries the tag."""
+def save_encoder(state_dict: dict, path: str | Path, mean, std) -> None:
+    """Write an exported encoder: a torchvision state_dict whose ``_metadata`` carries the tag and the
+    input normalisation (``mean``/``std`` on [0, 1] pixels) it was trained with."""
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:
-        meta[""] = {**meta.get("", {}), "kind": ENCODER}
+        meta[""] = {**meta.get("", {}), **_encoder_tag(mean, std)}
     atomic_save(state_dict, path)
+
+
+def save_encoder_safetensors(state_dict: dict, path: str | Path, mean, std) -> None:
+    """The same encoder as a safetensors file (tensors and a string map, never code), tagged alike."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in _encoder_tag(mean, std).items()})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # as any file this process writes (safetensors makes it private)
+    os.replace(tmp, path)
+
+
+def _encoder_tag(mean, std) -> dict:
+    return {"kind": ENCODER, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+
+
+def encoder_normalisation(obj: dict) -> tuple[tuple, tuple] | None:
+    """(mean, std) an exported encoder was tagged with, or None (a foreign state_dict)."""
+    tag = (getattr(obj, "_metadata", None) or {}).get("", {})
+    return (tuple(tag["mean"]), tuple(tag["std"])) if "mean" in tag and "std" in tag else None
+
+
+def _read_safetensors(path: Path) -> dict:
+    """A safetensors file as a state_dict, its tag (if ours) put where save_encoder puts it."""
+    from safetensors import safe_open
+
+    state = collections.OrderedDict()
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            state[key] = f.get_tensor(key)
+        meta = f.metadata() or {}
+    if meta.get("kind") == json.dumps(ENCODER):
+        state._metadata = {"": {k: json.loads(v) for k, v in meta.items() if k in ("kind", "mean", "std")}}
+    return state
 
 
 def kind_of(obj: dict) -> str | None:
@@ -83,8 +124,8 @@ def load(path: str | Path, kind: str | None = None, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = safe_load.read(path, map_location)  # never runs code from the file
+    try:  # neither reader runs code from the file
+        state = _read_safetensors(path) if path.suffix == ".safetensors" else safe_load.read(path, map_location)
     except safe_load.UnsafeFileError as e:
         raise CheckpointError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user

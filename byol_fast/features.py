@@ -72,9 +72,10 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
                                  tuple(data.get("std", IMAGENET_STD)))
     elif kind == ckpt.LINEAR:
         weights = EncoderWeights(obj["encoder"], obj["backbone"], tuple(obj["mean"]), tuple(obj["std"]))
-    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # a bare state_dict
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # a bare state_dict (ours: tagged)
         state = {k: v for k, v in obj.items() if k not in CLASSIFIER_KEYS}
-        weights = EncoderWeights(state, backbone or infer_backbone(state, path))
+        mean, std = ckpt.encoder_normalisation(obj) or (IMAGENET_MEAN, IMAGENET_STD)
+        weights = EncoderWeights(state, backbone or infer_backbone(state, path), mean, std)
     else:
         raise CheckpointError(f"{path}: not a byol_fast checkpoint, linear-eval checkpoint or ResNet state_dict "
                               f"(top-level keys: {', '.join(sorted(map(str, obj))[:8])})")

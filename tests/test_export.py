@@ -80,7 +80,7 @@ def test_export_loads_into_torchvision_with_only_fc_missing(pretrain_ckpt, tmp_p
 def test_export_target_and_torchscript(pretrain_ckpt, tmp_path):
     path, model = pretrain_ckpt
     out = tmp_path / "target.pt"
-    written = export.export_encoder(read_encoder_weights(path, "target"), path, out, torchscript=True)
+    written = export.export_encoder(read_encoder_weights(path, "target"), path, out, formats=["torchscript"])
     assert written == [out, tmp_path / "target.torchscript.pt"]
     images01 = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
@@ -170,3 +170,33 @@ def test_export_cli_reports_bad_files(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "x.pt")]) == 2
     assert "not a byol_fast checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_onnx_torch_export_and_safetensors_run_without_byol_fast(pretrain_ckpt, tmp_path, capsys):
+    """Each artifact against the features torchvision's own ResNet-18 computes from the exported weights
+    (an independent path): ONNX through ONNX Runtime, the torch.export program, safetensors into
+    torchvision. Programs take RGB in [0, 1] and normalise it themselves, at any batch size."""
+    import onnxruntime
+    from safetensors.torch import load_file
+
+    path, model = pretrain_ckpt
+    out = tmp_path / "encoder.pt"
+    assert export.main(["--checkpoint", str(path), "--out", str(out), "--onnx", "--torch-export",
+                        "--safetensors"]) == 0
+    printed = capsys.readouterr().out
+    assert all(str(tmp_path / f"encoder{ext}") in printed for ext in (".onnx", ".pt2", ".safetensors"))
+    images01 = torch.rand(5, 3, 64, 64)
+    with torch.no_grad():
+        want = torchvision_features(torch.load(out, weights_only=True), (images01 - MEAN) / STD)
+        assert close(want, model.online.encoder.eval()((images01 - MEAN) / STD))
+    session = onnxruntime.InferenceSession(str(tmp_path / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 5):  # the batch dimension is dynamic
+        got = session.run(None, {"images": images01[:n].numpy()})[0]
+        assert close(torch.from_numpy(got), want[:n])
+    program = torch.export.load(str(tmp_path / "encoder.pt2")).module()
+    assert close(program(images01), want)
+    sd = load_file(str(tmp_path / "encoder.safetensors"))
+    with torch.no_grad():
+        assert close(torchvision_features(sd, (images01 - MEAN) / STD), want)
+    assert read_encoder_weights(tmp_path / "encoder.safetensors").backbone == "resnet18"
+    assert close(load_feature_extractor(tmp_path / "encoder.safetensors")(images01), want)
