@@ -62,37 +62,38 @@ def save(state: dict, path: str | Path, kind: str) -> None:
     atomic_save({"kind": kind, **state}, path)
 
 
-def save_encoder(state_dict: dict, path: str | Path, mean, std) -> None:
-    """Write an exported encoder: a torchvision state_dict whose ``_metadata`` carries the tag and the
-    input normalisation (``mean``/``std`` on [0, 1] pixels) it was trained with."""
+def save_encoder(state_dict: dict, path: str | Path, mean, std, padding: str = "torchvision") -> None:
+    """Write an exported encoder: a torchvision state_dict whose ``_metadata`` carries the tag, the
+    input normalisation (``mean``/``std`` on [0, 1] pixels) it was trained with and its padding
+    ("same" for an encoder converted from TensorFlow/Haiku, see byol_fast.model)."""
     meta = getattr(state_dict, "_metadata", None)
     if meta is not None:
-        meta[""] = {**meta.get("", {}), **_encoder_tag(mean, std)}
+        meta[""] = {**meta.get("", {}), **_encoder_tag(mean, std, padding)}
     atomic_save(state_dict, path)
 
 
-def save_encoder_safetensors(state_dict: dict, path: str | Path, mean, std) -> None:
+def save_encoder_safetensors(state_dict: dict, path: str | Path, mean, std, padding: str = "torchvision") -> None:
     """The same encoder as a safetensors file (tensors and a string map, never code), tagged alike."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in _encoder_tag(mean, std).items()})
+    save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in _encoder_tag(mean, std, padding).items()})
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # as any file this process writes (safetensors makes it private)
     os.replace(tmp, path)
 
 
-def _encoder_tag(mean, std) -> dict:
-    return {"kind": ENCODER, "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+def _encoder_tag(mean, std, padding: str) -> dict:
+    return {"kind": ENCODER, "mean": [float(m) for m in mean], "std": [float(s) for s in std], "padding": padding}
 
 
-def encoder_normalisation(obj: dict) -> tuple[tuple, tuple] | None:
-    """(mean, std) an exported encoder was tagged with, or None (a foreign state_dict)."""
+def encoder_tag(obj: dict) -> dict:
+    """What an exported encoder was tagged with (kind, mean, std, padding), or {} for a foreign state_dict."""
     tag = (getattr(obj, "_metadata", None) or {}).get("", {})
-    return (tuple(tag["mean"]), tuple(tag["std"])) if "mean" in tag and "std" in tag else None
+    return tag if tag.get("kind") == ENCODER else {}
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -105,7 +106,7 @@ def _read_safetensors(path: Path) -> dict:
             state[key] = f.get_tensor(key)
         meta = f.metadata() or {}
     if meta.get("kind") == json.dumps(ENCODER):
-        state._metadata = {"": {k: json.loads(v) for k, v in meta.items() if k in ("kind", "mean", "std")}}
+        state._metadata = {"": {k: json.loads(v) for k, v in meta.items() if k in ("kind", "mean", "std", "padding")}}
     return state
 
 

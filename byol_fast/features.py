@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import layouts
 from .checkpoint import CheckpointError
 from .constants import IMAGENET_MEAN, IMAGENET_STD
 from .model import BACKBONES, build_encoder
@@ -48,6 +49,7 @@ class EncoderWeights:
     backbone: str
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    padding: str = "torchvision"  # "same": converted from TensorFlow/Haiku (byol_fast.model.build_encoder)
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -71,14 +73,20 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
         weights = EncoderWeights(state, cfg["model"]["backbone"], tuple(data.get("mean", IMAGENET_MEAN)),
                                  tuple(data.get("std", IMAGENET_STD)))
     elif kind == ckpt.LINEAR:
-        weights = EncoderWeights(obj["encoder"], obj["backbone"], tuple(obj["mean"]), tuple(obj["std"]))
-    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()):  # a bare state_dict (ours: tagged)
-        state = {k: v for k, v in obj.items() if k not in CLASSIFIER_KEYS}
-        mean, std = ckpt.encoder_normalisation(obj) or (IMAGENET_MEAN, IMAGENET_STD)
-        weights = EncoderWeights(state, backbone or infer_backbone(state, path), mean, std)
+        weights = EncoderWeights(obj["encoder"], obj["backbone"], tuple(obj["mean"]), tuple(obj["std"]),
+                                 obj.get("padding", "torchvision"))
+    elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()) and not layouts.detect(obj):
+        state = {k: v for k, v in obj.items() if k not in CLASSIFIER_KEYS}  # a bare state_dict (ours: tagged)
+        tag = ckpt.encoder_tag(obj)
+        weights = EncoderWeights(state, backbone or infer_backbone(state, path), tuple(tag.get("mean", IMAGENET_MEAN)),
+                                 tuple(tag.get("std", IMAGENET_STD)), tag.get("padding", "torchvision"))
+    elif layouts.detect(obj):  # a checkpoint another project released
+        converted = layouts.convert(obj, path)
+        weights = EncoderWeights(converted.state, infer_backbone(converted.state, path), converted.mean,
+                                 converted.std, converted.padding)
     else:
-        raise CheckpointError(f"{path}: not a byol_fast checkpoint, linear-eval checkpoint or ResNet state_dict "
-                              f"(top-level keys: {', '.join(sorted(map(str, obj))[:8])})")
+        raise CheckpointError(f"{path}: not a byol_fast checkpoint, a ResNet state_dict or a known release "
+                              f"({', '.join(layouts.LAYOUTS)}); top-level keys: {', '.join(sorted(map(str, obj))[:8])}")
     if backbone:
         weights.backbone = backbone
     return weights
@@ -126,7 +134,7 @@ def load_backbone_weights(encoder: nn.Module, state: dict[str, torch.Tensor], so
 
 def build_frozen_encoder(weights: EncoderWeights, source: str | Path) -> tuple[nn.Module, int]:
     """(encoder, width) built from ``weights``: ``fc = Identity``, eval mode, no gradients."""
-    encoder, width = build_encoder(weights.backbone)
+    encoder, width = build_encoder(weights.backbone, weights.padding)
     load_backbone_weights(encoder, weights.state, source)
     return freeze(encoder), width
 

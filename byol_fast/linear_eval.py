@@ -95,6 +95,7 @@ class LinearEval:
         self.log(f"{self.proc.banner('linear evaluation')}\nresolved config:\n{to_yaml(cfg)}")
 
         encoder, self.width, self.backbone, weights = make_encoder(cfg)
+        self.padding = weights.padding if weights is not None and cfg.init == "checkpoint" else "torchvision"
         # The data section with the encoder's own normalisation (from its checkpoint).
         self.data = cfg.data if weights is None else \
             dataclasses.replace(cfg.data, mean=tuple(weights.mean), std=tuple(weights.std))
@@ -156,7 +157,8 @@ class LinearEval:
         if not self.info.is_main:
             return
         c = self.classifier
-        state = {"encoder": c.encoder.state_dict(), "backbone": self.backbone, "mean": list(self.data.mean),
+        state = {"encoder": c.encoder.state_dict(), "backbone": self.backbone, "padding": self.padding,
+                 "mean": list(self.data.mean),
                  "std": list(self.data.std), "classes": self.train_index.classes,
                  "head": dist.unwrap(c.head).state_dict(), "optimizer": c.optimizer.state_dict(),
                  "epoch": self.epoch, "results": self.results, "source": self.source(), "config": to_dict(self.cfg),

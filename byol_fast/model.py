@@ -56,15 +56,24 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
-def build_encoder(name: str) -> tuple[nn.Module, int]:
+PADDINGS = ("torchvision", "same")
+
+
+def build_encoder(name: str, padding: str = "torchvision") -> tuple[nn.Module, int]:
     """A randomly initialised ResNet without its classifier, and its feature width.
 
     The classifier becomes ``nn.Identity`` (so ``fc`` holds no parameters) and the module keeps
     torchvision's parameter names, which makes the exported state_dict of a torchvision backbone
-    load into ``torchvision.models.<name>()`` with only ``fc.*`` missing.
+    load into ``torchvision.models.<name>()`` with only ``fc.*`` missing. ``padding="same"`` pads
+    strided layers as TensorFlow/Haiku's SAME does (for weights converted from there); the
+    parameter names are the same.
     """
     if name not in BACKBONES:
         raise ValueError(f"model.backbone: unknown backbone {name!r} (choose one of {', '.join(BACKBONES)})")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding: {padding!r} is not one of {', '.join(PADDINGS)}")
+    if padding == "same":
+        raise NotImplementedError("SAME padding: not built yet")
     if name == TINY:
         net = TinyResNet()
         return net, net.width

@@ -1,0 +1,98 @@
+"""Importers of the BYOL checkpoints other projects release: each maps its layout onto torchvision's
+ResNet names, so that linear evaluation, export, the feature API and predict take such a file as it is.
+
+One module per source project, each with two functions:
+
+- ``detect(obj: dict) -> bool``: whether a loaded file (already read without running code, by
+  ``byol_fast.checkpoint.load``) is in this project's layout; exact key structure, not guesses;
+- ``convert(obj: dict) -> Converted``: the online backbone under torchvision's names (no ``fc.*``), and
+  what was dropped (heads, target network, optimizer state) and why.
+
+:func:`convert` here picks the layout (or takes the one named), runs it, and checks the result
+strictly: every tensor the layout calls part of the backbone must be mapped, and the mapped names
+must be exactly one backbone's (``byol_fast.features.infer_backbone`` says which, or names the
+missing and left-over keys). Nothing is loaded "successfully" with a random backbone underneath.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
+
+# Layout name -> module (byol_fast.layouts.<module>). Detection tries them in this order.
+LAYOUTS = {
+    "mmpretrain": "mmpretrain",
+    "solo-learn": "solo_learn",
+    "lightly": "lightly",
+    "byol-pytorch": "byol_pytorch",
+    "passl": "passl",
+    "deepmind": "deepmind",
+    "vissl": "vissl",
+}
+
+
+@dataclass
+class Converted:
+    """A foreign backbone under torchvision's ResNet names.
+
+    state: torchvision key -> tensor (no ``fc.*``); layout: the LAYOUTS name; dropped: source keys
+    left out on purpose, each with why (``{"neck.mlp.0.weight": "projector"}``); padding: "torchvision"
+    (symmetric, as torchvision pads) or "same" (TensorFlow/Haiku SAME, asymmetric on strided layers);
+    mean/std: the input normalisation the source was trained with, on [0, 1] pixels.
+    """
+
+    state: dict[str, torch.Tensor]
+    layout: str
+    dropped: dict[str, str] = field(default_factory=dict)
+    unmapped: list[str] = field(default_factory=list)  # backbone keys of the source the layout could not map
+    padding: str = "torchvision"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def report(self) -> str:
+        why: dict[str, int] = {}
+        for reason in self.dropped.values():
+            why[reason] = why.get(reason, 0) + 1
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(why.items())) or "nothing"
+        return (f"{self.layout}: mapped {len(self.state)} backbone tensors onto torchvision's names "
+                f"(padding {self.padding}); dropped {len(self.dropped)}: {parts}")
+
+
+def _module(layout: str):
+    return importlib.import_module(f"{__name__}.{LAYOUTS[layout]}")
+
+
+def detect(obj) -> str | None:
+    """The layout of a loaded file, or None."""
+    if not isinstance(obj, dict):
+        return None
+    for layout in LAYOUTS:
+        if _module(layout).detect(obj):
+            return layout
+    return None
+
+
+def convert(obj, source: str, layout: str = "auto") -> Converted:
+    """The backbone of ``obj`` (loaded from ``source``) in torchvision's names; a CheckpointError naming
+    the keys when the layout is unknown, or when anything of the backbone is missing or left over."""
+    if layout == "auto":
+        layout = detect(obj)
+        if layout is None:
+            keys = ", ".join(sorted(map(str, obj))[:8]) if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{source}: no known checkpoint layout ({', '.join(LAYOUTS)}); top-level keys: {keys}")
+    elif layout not in LAYOUTS:
+        raise CheckpointError(f"--format: {layout!r} is not one of auto, {', '.join(LAYOUTS)}")
+    elif not _module(layout).detect(obj):
+        raise CheckpointError(f"{source} is not in the {layout} layout")
+    converted = _module(layout).convert(obj)
+    if converted.unmapped:
+        raise CheckpointError(f"{source} ({layout}): {len(converted.unmapped)} backbone tensors have no torchvision "
+                              f"name: {', '.join(converted.unmapped[:6])}")
+    from ..features import infer_backbone
+
+    infer_backbone(converted.state, f"{source} ({layout})")  # exactly one backbone's keys and shapes, or an error
+    return converted
