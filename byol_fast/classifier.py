@@ -80,3 +80,55 @@ class FeatureLoader(EpochLoader):
         for k in range(step, self.steps_per_epoch):
             idx = order[k * self.batch_size:(k + 1) * self.batch_size]
             yield self.features[idx], self.labels[idx]
+
+
+class ImageClassifier:
+    """A linear-evaluation checkpoint (``runs/x/linear/last.pt``) as a classifier of images.
+
+    Images go through the validation preprocessing of that evaluation (resize the shorter side,
+    center crop, the encoder's normalisation: ``pipelines.reference.eval_transform``), then the frozen
+    encoder and the linear head; scores are softmax probabilities over the checkpoint's classes.
+    """
+
+    def __init__(self, encoder: nn.Module, head: nn.Module, classes: list[str], data, device="cpu"):
+        from pipelines.reference import eval_transform
+
+        self.device = torch.device(device)
+        self.encoder, self.head = freeze(encoder).to(self.device), head.eval().to(self.device)
+        self.classes, self.transform = list(classes), eval_transform(data, train=False)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu") -> "ImageClassifier":
+        import dataclasses
+
+        from . import checkpoint as ckpt
+        from .config import LinearConfig, load_config
+        from .features import EncoderWeights, build_frozen_encoder
+
+        state = ckpt.load(path, ckpt.LINEAR)
+        cfg = load_config(None, state["config"], cls=LinearConfig)
+        weights = EncoderWeights(state["encoder"], state["backbone"], tuple(state["mean"]), tuple(state["std"]),
+                                 state.get("padding", "torchvision"))
+        encoder, width = build_frozen_encoder(weights, path)
+        head = make_head(width, len(state["classes"]), cfg.head_bn)
+        head.load_state_dict(state["head"])
+        data = dataclasses.replace(cfg.data, mean=weights.mean, std=weights.std)
+        return cls(encoder, head, state["classes"], data, device)
+
+    @torch.no_grad()
+    def predict(self, images, topk: int = 5) -> list[dict]:
+        """PIL images (or paths) -> per image {"pred_label", "pred_class", "pred_score", "topk":
+        [(class, score), ...]}, best first (mmpretrain's inference_model gives the same three)."""
+        from PIL import Image
+
+        batch = []
+        for image in images:
+            if not isinstance(image, Image.Image):
+                with Image.open(image) as f:
+                    image = f.convert("RGB")
+            batch.append(self.transform(image.convert("RGB")))
+        probs = self.head(self.encoder(torch.stack(batch).to(self.device)).float()).softmax(dim=1).cpu()
+        top = probs.topk(min(topk, len(self.classes)), dim=1)
+        return [{"pred_label": int(i[0]), "pred_class": self.classes[i[0]], "pred_score": float(p[0]),
+                 "topk": [(self.classes[j], float(q)) for j, q in zip(i.tolist(), p.tolist())]}
+                for p, i in zip(top.values, top.indices)]

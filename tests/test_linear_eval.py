@@ -179,3 +179,41 @@ def test_a_stop_signal_exits_75_and_the_rerun_resumes_after_the_last_whole_epoch
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and f"resumed from {out / 'last.pt'} after epoch {done}" in res.stdout, res.stdout[-2000:]
     assert [r["epoch"] for r in json.loads((out / "results.json").read_text())["epochs"]] == list(range(1, done + 2))
+
+
+def test_predict_gives_the_heads_softmax_on_the_validation_crops(data_root, pretrain_ckpt, tmp_path, capsys):
+    """byol_fast.predict against the same numbers computed here from the checkpoint's tensors with
+    torchvision's ResNet-18 and functional transforms (resize shorter side, center crop, normalise)."""
+    import torchvision
+    import torchvision.transforms.functional as TF
+
+    from byol_fast import predict
+
+    out = tmp_path / "lin"
+    assert run("--checkpoint", pretrain_ckpt, "--data", data_root, "--features=cached", f"--out_dir={out}", *FAST,
+               "--epochs=3") == 0
+    images = sorted((data_root / "val").rglob("*.jpg"))[::3]
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(out / "last.pt"), *map(str, images), "--topk", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+
+    state = torch.load(out / "last.pt", weights_only=True)
+    net = torchvision.models.resnet18()
+    net.load_state_dict(state["encoder"], strict=False)
+    net.fc = torch.nn.Identity()
+    mean, std = torch.tensor(state["mean"]).view(3, 1, 1), torch.tensor(state["std"]).view(3, 1, 1)
+    crops = []
+    for path in images:
+        img = TF.center_crop(TF.resize(Image.open(path).convert("RGB"), 36), 32)
+        crops.append((TF.to_tensor(img) - mean) / std)
+    with torch.no_grad():
+        probs = (net.eval()(torch.stack(crops)) @ state["head"]["0.weight"].T + state["head"]["0.bias"]).softmax(1)
+    assert [r["image"] for r in got] == list(map(str, images))
+    for r, p in zip(got, probs):
+        assert r["pred_class"] == ["class0", "class1"][int(p.argmax())] and r["pred_label"] == int(p.argmax())
+        assert r["pred_score"] == pytest.approx(float(p.max()), abs=1e-5)
+        assert [t["class"] for t in r["topk"]] == [["class0", "class1"][i] for i in p.argsort(descending=True)]
+    (tmp_path / "notes.jpg").write_text("not an image")
+    assert predict.main(["--checkpoint", str(out / "last.pt"), str(tmp_path / "notes.jpg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "notes.jpg" in err[0] and "not an image" in err[0]
