@@ -63,7 +63,7 @@ def export_encoder(weights: EncoderWeights, source: str | Path, out: str | Path,
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)} (choose from {', '.join(FORMATS)})")
     encoder, width = build_frozen_encoder(weights, source)
-    save_encoder(encoder.state_dict(), out, weights.mean, weights.std)
+    save_encoder(encoder.state_dict(), out, weights.mean, weights.std, weights.padding)
     written = [Path(out)]
     module = FeatureExtractor(encoder, width, weights.mean, weights.std)
     sample = torch.rand(2, 3, sample_size, sample_size)
@@ -72,7 +72,7 @@ def export_encoder(weights: EncoderWeights, source: str | Path, out: str | Path,
         path = artifact_path(out, fmt)
         tmp = path.with_name(f".{out.stem}.{os.getpid()}.tmp{FORMATS[fmt]}")  # torch.export wants its suffix
         if fmt == "safetensors":
-            save_encoder_safetensors(encoder.state_dict(), path, weights.mean, weights.std)
+            save_encoder_safetensors(encoder.state_dict(), path, weights.mean, weights.std, weights.padding)
             written.append(path)
             continue
         {"onnx": _onnx, "torch_export": _torch_export, "torchscript": _torchscript}[fmt](module, sample, tmp, opset)

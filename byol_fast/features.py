@@ -93,19 +93,21 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
 
 
 def infer_backbone(state: dict[str, torch.Tensor], source: str | Path = "state_dict") -> str:
-    """The backbone (byol_fast.model.BACKBONES) whose encoder keys and shapes are exactly those of ``state``."""
+    """The backbone (byol_fast.model.BACKBONES) whose encoder keys and shapes are exactly those of
+    ``state``; otherwise a CheckpointError naming what differs from the nearest one."""
+    shapes = {}
     for name in BACKBONES:
         with torch.device("meta"):  # no memory, no initialisation cost
-            shapes = {k: v.shape for k, v in build_encoder(name)[0].state_dict().items()}
-        if shapes.keys() == state.keys() and all(shapes[k] == state[k].shape for k in shapes):
+            shapes[name] = {k: v.shape for k, v in build_encoder(name)[0].state_dict().items()}
+        if shapes[name].keys() == state.keys() and all(shapes[name][k] == state[k].shape for k in state):
             return name
-    raise CheckpointError(f"{source}: its keys match no known encoder ({', '.join(BACKBONES)}). "
-                          + _key_hint(set(state), set(_expected_keys("resnet50"))))
-
-
-def _expected_keys(name: str) -> list[str]:
-    with torch.device("meta"):
-        return list(build_encoder(name)[0].state_dict())
+    nearest = min(shapes, key=lambda n: len(set(shapes[n]) ^ set(state)))
+    misshapen = sorted(k for k in set(shapes[nearest]) & set(state) if shapes[nearest][k] != state[k].shape)
+    hint = _key_hint(set(state), set(shapes[nearest]))
+    if misshapen:
+        hint += f"; {len(misshapen)} of another shape (e.g. {misshapen[0]}: {tuple(state[misshapen[0]].shape)})"
+    raise CheckpointError(f"{source}: its keys match no known encoder ({', '.join(BACKBONES)}); "
+                          f"nearest {nearest}: {hint}")
 
 
 def _key_hint(given: set[str], expected: set[str]) -> str:

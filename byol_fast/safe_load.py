@@ -20,7 +20,6 @@ import codecs
 import collections
 import pickle
 import re
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -48,8 +47,23 @@ _PICKLE_ALLOWED = {("collections", "OrderedDict"), ("_codecs", "encode")} | {
     for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
 
 
+# Classes of released checkpoints that only hold data (DeepMind's BYOL release, byol_fast.layouts.deepmind):
+# rebuilt as inert stand-ins of the same shape, never imported. A NamedTuple becomes a namedtuple with
+# its fields; Haiku's immutable mappings (rebuilt from a dict) become dicts.
+_DATA_CLASSES = {
+    ("byol.byol_experiment", "_ByolExperimentState"): collections.namedtuple(
+        "_ByolExperimentState", ["online_params", "target_params", "online_state", "target_state", "opt_state"]),
+    ("byol.utils.optimizers", "AddWeightDecayState"): collections.namedtuple("AddWeightDecayState", []),
+    ("byol.utils.optimizers", "ScaleByLarsState"): collections.namedtuple("ScaleByLarsState", ["mu"]),
+    ("optax._src.transform", "ScaleState"): collections.namedtuple("ScaleState", []),
+    ("haiku._src.data_structures", "FlatMapping"): dict,
+    ("haiku._src.data_structures", "frozendict"): dict,
+    ("frozendict", "frozendict"): dict,
+}
+
+
 class ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays in plain containers and refuses every other global."""
+    """Unpickles numpy arrays in plain containers (and the data classes above) and refuses every other global."""
 
     def find_class(self, module: str, name: str):
         if (module, name) in _PICKLE_ALLOWED:
@@ -61,6 +75,8 @@ class ArrayUnpickler(pickle.Unpickler):
                 return getattr(np, name)
             multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
             return getattr(multiarray, name)
+        if (module, name) in _DATA_CLASSES:
+            return _DATA_CLASSES[(module, name)]
         if module in ("numpy.dtypes", "numpy") and name.endswith("DType") and hasattr(np.dtypes, name):
             return getattr(np.dtypes, name)
         raise UnsafeFileError(f"{module}.{name}")
@@ -77,20 +93,26 @@ def read(path: str | Path, map_location="cpu"):
     Raises UnsafeFileError for a file that names any other callable, and lets the readers' own
     errors through for a file that is neither (the caller words them)."""
     path = Path(path)
-    try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # a plain pickle, read below
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        if found:
-            raise _refusal(path, found.group(1)) from None
-        if zipfile.is_zipfile(path):
-            raise
-    except RuntimeError as e:  # not a torch file: a plain pickle, perhaps
-        if "magic number" not in str(e) and "load key" not in str(e):
+    if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
+        try:
+            with torch.serialization.safe_globals(NUMPY_GLOBALS):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            if found:
+                raise _refusal(path, found.group(1)) from None
             raise
     return read_pickle(path)
+
+
+def _starts_like_legacy_torch(path: Path) -> bool:
+    """torch.save's legacy (non-zip) format begins with a pickled magic number; a plain pickle
+    begins with its payload. The first object is read with the restricted unpickler (safe)."""
+    with open(path, "rb") as f:
+        try:
+            return ArrayUnpickler(f).load() == torch.serialization.MAGIC_NUMBER
+        except Exception:  # noqa: BLE001  anything else: not a legacy torch file
+            return False
 
 
 def read_pickle(path: str | Path):

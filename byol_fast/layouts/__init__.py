@@ -62,6 +62,35 @@ class Converted:
                 f"(padding {self.padding}); dropped {len(self.dropped)}: {parts}")
 
 
+def check_complete(state: dict, layout: str, source_name) -> None:
+    """Refuse a backbone that is not exactly one known encoder's, naming the tensors missing from (and
+    left over beyond) the nearest one, both under torchvision's and under the file's names
+    (``source_name(torchvision_name)``). ``byol_fast.features.infer_backbone``, which
+    ``layouts.convert`` runs next, names the tensors under torchvision's names only."""
+    from ..config import BACKBONES
+    from ..model import build_encoder
+
+    given = set(state)
+    with torch.device("meta"):
+        candidates = [set(build_encoder(name)[0].state_dict()) for name in BACKBONES]
+    nearest = min(candidates, key=lambda keys: len(keys ^ given))
+    missing, extra = sorted(nearest - given), sorted(given - nearest)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: " + ", ".join(f"{k} ({source_name(k)})" for k in missing[:6]))
+        if extra:
+            parts.append(f"{len(extra)} left over: " + ", ".join(f"{k} ({source_name(k)})" for k in extra[:6]))
+        raise CheckpointError(f"{layout}: the online backbone is no known encoder's; "
+                              f"against the nearest, {'; '.join(parts)}")
+
+
+def top_level_dropped(obj: dict, keep: str, reasons: dict[str, str]) -> dict[str, str]:
+    """Every top-level entry of a released file but ``keep``, with its reason ("training state" unless
+    ``reasons`` names one)."""
+    return {str(k): reasons.get(k, "training state") for k in obj if k != keep}
+
+
 def _module(layout: str):
     return importlib.import_module(f"{__name__}.{LAYOUTS[layout]}")
 
