@@ -13,7 +13,7 @@ DEMO := data/demo
 GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPUS ?= $(GPUS_HERE)
 
-.PHONY: install test test-gpu pretrain demo-data index linear-eval benchmark clean help
+.PHONY: install test test-gpu pretrain demo-data index linear-eval finetune benchmark clean help
 
 help:
 	@echo "make install                  create $(VENV) with the pinned dependencies"
@@ -23,6 +23,8 @@ help:
 	@echo "make index DATA=/imagenet     check every image of DATA/train and DATA/val once, write the index"
 	@echo "make linear-eval              linear evaluation of runs/demo/last.pt on the demo dataset"
 	@echo "make linear-eval LINEAR_CONFIG=config/linear_r50_in1k.yaml CHECKPOINT=runs/r50/last.pt DATA=/imagenet GPUS=8"
+	@echo "make finetune                 fine-tune runs/demo/last.pt with 10% of the demo's labels (config/finetune_demo.yaml)"
+	@echo "make finetune FINETUNE_CONFIG=config/finetune_r50_in1k_10pct.yaml CHECKPOINT=runs/r50/last.pt DATA=/imagenet GPUS=8"
 	@echo "make pretrain|linear-eval ... GPUS=16 NNODES=2 NODE_RANK=0|1 MASTER_ADDR=<node 0>   on each node (srun under SLURM)"
 	@echo "make benchmark                benchmarks/throughput.py (img/s, stage by stage)"
 
@@ -75,6 +77,12 @@ CHECKPOINT ?= runs/demo/last.pt
 LINEAR_ARGS = --config $(LINEAR_CONFIG) --checkpoint $(CHECKPOINT) $(if $(DATA),--data $(DATA)) $(ARGS)
 linear-eval: install
 	$(call launch,linear_eval,$(LINEAR_ARGS))
+
+# Semi-supervised fine-tuning: the demo's 10% by default; the paper's with FINETUNE_CONFIG=config/finetune_r50_in1k_{1,10}pct.yaml.
+FINETUNE_CONFIG ?= config/finetune_demo.yaml
+FINETUNE_ARGS = --config $(FINETUNE_CONFIG) --checkpoint $(CHECKPOINT) $(if $(DATA),--data $(DATA)) $(ARGS)
+finetune: install
+	$(call launch,finetune,$(FINETUNE_ARGS))
 
 benchmark: install
 	$(PY) benchmarks/throughput.py $(ARGS)

@@ -37,10 +37,18 @@ class LinearClassifier:
         self.device, self.amp_dtype = device, amp_dtype
         on_cuda = device.type == "cuda" and channels_last
         self.memory_format = torch.channels_last if on_cuda else torch.contiguous_format
-        self.encoder = freeze(encoder).to(device, memory_format=self.memory_format)
-        self.head = dist.wrap(make_head(width, num_classes, head_bn), device, info, sync_bn=True, channels_last=False)
-        self.optimizer = torch.optim.SGD(self.head.parameters(), lr=0.0, momentum=momentum, nesterov=True,
-                                         weight_decay=weight_decay)
+        params = self._build(encoder, make_head(width, num_classes, head_bn), info)
+        self.optimizer = torch.optim.SGD(params, lr=0.0, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+
+    def _build(self, encoder: nn.Module, head: nn.Module, info: dist.DistInfo):
+        """Place the networks; return the parameters SGD trains (the head's only)."""
+        self.encoder = freeze(encoder).to(self.device, memory_format=self.memory_format)
+        self.head = dist.wrap(head, self.device, info, sync_bn=True, channels_last=False)
+        return self.head.parameters()
+
+    def train_input(self, images: torch.Tensor) -> torch.Tensor:
+        """What :meth:`step` trains on: the frozen encoder's features of the images."""
+        return self.encode(images)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -67,6 +75,43 @@ class LinearClassifier:
         return dist.unwrap(self.head).eval()(features.float())
 
 
+class FineTuner(LinearClassifier):
+    """The whole network trained: encoder (train mode, batch statistics) and head, one module under
+    SyncBN and DDP, one SGD (Nesterov) over every parameter, autocast in the run's precision (with a
+    GradScaler for fp16). :meth:`encode` and :meth:`scores` evaluate it (eval mode), as for the
+    linear classifier."""
+
+    def _build(self, encoder: nn.Module, head: nn.Module, info: dist.DistInfo):
+        encoder.requires_grad_(True)
+        self.net = nn.Sequential(encoder, head)
+        self.model = dist.wrap(self.net, self.device, info, sync_bn=True,
+                               channels_last=self.memory_format == torch.channels_last)
+        self.encoder, self.head = self.net[0], self.net[1]  # SyncBN conversion keeps these modules
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        return self.net.parameters()
+
+    def train_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            logits = self.model(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach()
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.encoder.eval()
+        return super().encode(images)
+
+
 class FeatureLoader(EpochLoader):
     """Precomputed features under the loader contract (``features=cached``): batches (features (B, F),
     labels (B,)) of this rank's share of every epoch, taken from all N rows held on every rank."""
@@ -83,7 +128,7 @@ class FeatureLoader(EpochLoader):
 
 
 class ImageClassifier:
-    """A linear-evaluation checkpoint (``runs/x/linear/last.pt``) as a classifier of images.
+    """A linear-evaluation or fine-tuning checkpoint (``runs/x/linear/last.pt``) as a classifier of images.
 
     Images go through the validation preprocessing of that evaluation (resize the shorter side,
     center crop, the encoder's normalisation: ``pipelines.reference.eval_transform``), then the frozen
@@ -102,11 +147,12 @@ class ImageClassifier:
         import dataclasses
 
         from . import checkpoint as ckpt
-        from .config import LinearConfig, load_config
+        from .config import FinetuneConfig, LinearConfig, load_config
         from .features import EncoderWeights, build_frozen_encoder
 
         state = ckpt.load(path, ckpt.LINEAR)
-        cfg = load_config(None, state["config"], cls=LinearConfig)
+        schema = FinetuneConfig if state.get("source", {}).get("finetune") else LinearConfig
+        cfg = load_config(None, state["config"], cls=schema)
         weights = EncoderWeights(state["encoder"], state["backbone"], tuple(state["mean"]), tuple(state["std"]),
                                  state.get("padding", "torchvision"))
         encoder, width = build_frozen_encoder(weights, path)

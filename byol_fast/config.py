@@ -179,6 +179,19 @@ class LinearConfig:
     log_every: int = 50  # steps between loss reads (each read is a host sync)
 
 
+@dataclass(frozen=True)
+class FinetuneConfig(LinearConfig):
+    """Semi-supervised fine-tuning (``python -m byol_fast.finetune``): the whole network, initialised
+    from the pretrained encoder, trained with a fraction of the labels (BYOL Appendix C.2, SimCLR's
+    protocol): SGD with Nesterov momentum 0.9, no weight decay, random resized crop + flip."""
+
+    label_fraction: float = 0.1  # a seeded, class-balanced sample of the training labels (1.0: all)
+    subset: str = ""  # or a file listing the labelled images, one file name per line (the published 1%/10% splits)
+    epochs: int = 30
+    lr: float = 0.02  # per 256 images
+    features: str = "images"  # fine-tuning always trains on augmented crops
+
+
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 BACKBONES = (*TORCHVISION_BACKBONES, "tiny_resnet")  # tiny_resnet: the CPU demo's (byol_fast.model.TinyResNet)
 
@@ -289,9 +302,17 @@ def _check_linear(cfg: LinearConfig) -> None:
         raise ConfigError("out_dir: --init random without --checkpoint needs --out_dir")
 
 
+def _check_finetune(cfg: FinetuneConfig) -> None:
+    _check_linear(cfg)
+    if not 0.0 < cfg.label_fraction <= 1.0:
+        raise ConfigError(f"label_fraction: {cfg.label_fraction} is not in (0, 1]")
+    if cfg.features != "images":
+        raise ConfigError("features: fine-tuning trains the encoder, so it needs images, not cached features")
+
+
 # Checks across the keys of a complete configuration, for the run about to start (a recipe on its
 # own may leave run-specific keys, such as the checkpoint, empty).
-WHOLE_CHECKS = {LinearConfig: _check_linear}
+WHOLE_CHECKS = {LinearConfig: _check_linear, FinetuneConfig: _check_finetune}
 
 
 def validate(cfg) -> None:

@@ -74,6 +74,37 @@ class Index:
     def __len__(self) -> int:
         return len(self.files)
 
+    def labelled_fraction(self, fraction: float, seed: int) -> "Index":
+        """A seeded, class-balanced sample: round(fraction x images) of every class (at least one),
+        kept in this index's order (the semi-supervised protocol's labelled subset)."""
+        import numpy as np
+
+        rng, keep = np.random.default_rng(seed), []
+        for label in range(self.num_classes):
+            members = [i for i, y in enumerate(self.labels) if y == label]
+            if members:
+                n = max(1, round(fraction * len(members)))
+                keep += rng.choice(members, min(n, len(members)), replace=False).tolist()
+        return self._subset(sorted(keep))
+
+    def named(self, names: list[str], source: str) -> "Index":
+        """The files whose base names are ``names`` (a published subset list, e.g. ImageNet's 1% split);
+        a DatasetError naming the first name that is not in this index, or that names several files."""
+        where: dict[str, list[int]] = {}
+        for i, f in enumerate(self.files):
+            where.setdefault(os.path.basename(f), []).append(i)
+        missing = [n for n in names if n not in where]
+        if missing:
+            raise DatasetError(f"{source}: {len(missing)} listed images are not in {self.root} (e.g. {missing[0]})")
+        several = [n for n in names if len(where[n]) > 1]
+        if several:
+            raise DatasetError(f"{source}: {several[0]} names {len(where[several[0]])} files of {self.root}")
+        return self._subset(sorted({where[n][0] for n in names}))
+
+    def _subset(self, keep: list[int]) -> "Index":
+        return dataclasses.replace(self, files=[self.files[i] for i in keep], labels=[self.labels[i] for i in keep],
+                                   kinds=[self.kinds[i] for i in keep] if self.kinds else [])
+
     def sample(self, n: int, seed: int) -> "Index":
         """An index of ``n`` of these files drawn at random (seeded), kept in this index's order;
         the whole index when ``n`` is 0 or not smaller."""
@@ -81,9 +112,7 @@ class Index:
             return self
         import numpy as np
 
-        keep = np.sort(np.random.default_rng(seed).choice(len(self.files), n, replace=False)).tolist()
-        return dataclasses.replace(self, files=[self.files[i] for i in keep], labels=[self.labels[i] for i in keep],
-                                   kinds=[self.kinds[i] for i in keep] if self.kinds else [])
+        return self._subset(np.sort(np.random.default_rng(seed).choice(len(self.files), n, replace=False)).tolist())
 
     @property
     def num_classes(self) -> int:

@@ -1,9 +1,10 @@
 """Work out how to launch pretraining or linear evaluation on N GPUs, and launch it
 (``make pretrain GPUS=N``, ``make linear-eval GPUS=N``).
 
-    python -m byol_fast.launch --gpus 32 [--entry train|linear_eval] [--print] -- --config C.yaml ...
+    python -m byol_fast.launch --gpus 32 [--entry train|linear_eval|finetune] [--print] -- --config C.yaml ...
 
-``--entry`` picks the module run, ``byol_fast.train`` (the default) or ``byol_fast.linear_eval``;
+``--entry`` picks the module run, ``byol_fast.train`` (the default), ``byol_fast.linear_eval`` or
+``byol_fast.finetune``;
 the arguments after ``--`` go to it. Both launch the same way:
 
 - N <= 1: one process (``python -m byol_fast.<entry>``): the GPU if there is one, else the CPU.
@@ -26,8 +27,8 @@ import subprocess
 import sys
 
 
-ENTRIES = ("train", "linear_eval")
-WHAT = {"train": "pretraining", "linear_eval": "linear evaluation"}
+ENTRIES = ("train", "linear_eval", "finetune")
+WHAT = {"train": "pretraining", "linear_eval": "linear evaluation", "finetune": "fine-tuning"}
 
 
 class LaunchError(ValueError):
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpus", type=int, default=None, help="GPUs in all (default: this machine's)")
     parser.add_argument("--entry", choices=ENTRIES, default="train",
-                        help="module to launch: byol_fast.train (pretraining, the default) or byol_fast.linear_eval")
+                        help="module to launch: byol_fast.train (pretraining, the default), byol_fast.linear_eval "
+                             "or byol_fast.finetune")
     parser.add_argument("--python", default=sys.executable, help="interpreter for the launched processes")
     parser.add_argument("--max-restarts", type=int, default=0, help="torchrun elastic restarts (resume from last.pt)")
     parser.add_argument("--print", action="store_true", help="print the command instead of running it")

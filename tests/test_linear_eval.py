@@ -217,3 +217,55 @@ def test_predict_gives_the_heads_softmax_on_the_validation_crops(data_root, pret
     assert predict.main(["--checkpoint", str(out / "last.pt"), str(tmp_path / "notes.jpg")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "notes.jpg" in err[0] and "not an image" in err[0]
+
+
+def test_finetune_trains_the_whole_network_on_a_balanced_fraction_and_resumes(data_root, pretrain_ckpt, tmp_path,
+                                                                               capsys):
+    from byol_fast import finetune
+    from byol_fast.classifier import ImageClassifier
+
+    out = tmp_path / "ft"
+    args = ["--checkpoint", str(pretrain_ckpt), "--data", str(data_root), f"--out_dir={out}", *FAST,
+            "--label_fraction=0.5", "--batch_size=4"]
+    assert finetune.main(args + ["--epochs=1"]) == 0
+    assert "labelled subset: 12 of 24 training images" in capsys.readouterr().out  # 6 of 12 per class
+    assert finetune.main(args + ["--epochs=2"]) == 0
+    assert "after epoch 1" in capsys.readouterr().out
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["epoch"] for r in doc["epochs"]] == [1, 2] and doc["train_images"] == 12 and doc["val_images"] == 12
+    state = torch.load(out / "last.pt", weights_only=True)
+    before = torch.load(pretrain_ckpt, weights_only=True)["online"]
+    moved = [k for k, v in state["encoder"].items() if v.is_floating_point()
+             and not torch.equal(v, before["encoder." + k])]
+    assert len(moved) > 50  # the encoder itself was trained (linear evaluation leaves it untouched)
+    got = ImageClassifier.from_checkpoint(out / "last.pt").predict(sorted((data_root / "val").rglob("*.jpg"))[:2])
+    assert len(got) == 2 and got[0]["pred_class"] in ("class0", "class1")
+
+
+def test_finetune_reads_a_published_subset_list_and_names_what_is_missing(pretrain_ckpt, tmp_path, capsys):
+    from byol_fast import finetune
+    from conftest import write_noise_jpegs
+
+    root = tmp_path / "data"
+    write_noise_jpegs(root / "train", 16)  # c0/0.jpg, c1/1.jpg, c0/2.jpg, ...: every name once
+    write_noise_jpegs(root / "val", 4, seed=1)
+    listed = tmp_path / "4images.txt"
+    listed.write_text("0.jpg\n1.jpg\n2.jpg\n3.jpg\n0.jpg\n")  # a repeated name counts once
+    args = ["--checkpoint", str(pretrain_ckpt), "--data", str(root), *FAST, "--batch_size=2", "--epochs=1"]
+    assert finetune.main(args + [f"--subset={listed}", f"--out_dir={tmp_path / 'a'}"]) == 0
+    assert "labelled subset: 4 of 16 training images" in capsys.readouterr().out
+    listed.write_text("0.jpg\nnowhere.jpg\n")
+    assert finetune.main(args + [f"--subset={listed}", f"--out_dir={tmp_path / 'b'}"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "nowhere.jpg" in err[0] and str(listed) in err[0]
+
+
+def test_finetune_recipes_follow_the_protocol():
+    from byol_fast.config import FinetuneConfig
+
+    for pct in (1, 10):
+        cfg = load_config(ROOT / f"config/finetune_r50_in1k_{pct}pct.yaml", cls=FinetuneConfig)
+        assert cfg.label_fraction == pct / 100 and (cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.9, 0.0, 1024)
+        assert (cfg.data.image_size, cfg.data.resize, cfg.features) == (224, 256, "images")
+    demo = load_config(ROOT / "config/finetune_demo.yaml", cls=FinetuneConfig)
+    assert demo.label_fraction == 0.1 and demo.data.path == "data/demo"
