@@ -269,3 +269,22 @@ def test_finetune_recipes_follow_the_protocol():
         assert (cfg.data.image_size, cfg.data.resize, cfg.features) == (224, 256, "images")
     demo = load_config(ROOT / "config/finetune_demo.yaml", cls=FinetuneConfig)
     assert demo.label_fraction == 0.1 and demo.data.path == "data/demo"
+
+
+def test_finetune_with_two_processes(data_root, pretrain_ckpt, tmp_path):
+    """gloo on the CPU: the encoder and head in DDP, each rank its share of the labelled subset."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ddp_ft"
+    mp.spawn(_finetune_worker, args=(str(pretrain_ckpt), str(data_root), str(out)), nprocs=2)
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["final"]["val_images"] == 12 and doc["train_images"] == 12 and len(doc["epochs"]) == 1
+
+
+def _finetune_worker(rank, ckpt, data, out):
+    from byol_fast import finetune
+
+    ddp_env(rank, 2, 29900 + os.getppid() % 90)
+    code = finetune.main(["--checkpoint", ckpt, "--data", data, f"--out_dir={out}", *FAST, "--epochs=1",
+                          "--device=cpu", "--label_fraction=0.5", "--batch_size=4"])
+    assert code == 0
