@@ -171,6 +171,8 @@ class ClassifierRun:
                  "head": dist.unwrap(c.head).state_dict(), "optimizer": c.optimizer.state_dict(),
                  "epoch": self.epoch, "results": self.results, "source": self.source(), "config": to_dict(self.cfg),
                  "rng": ckpt.rng_state(), "git": ckpt.git_revision()}
+        if self.finetune:
+            state["scaler"] = c.scaler.state_dict()
         ckpt.save(state, self.out / ckpt.LAST, ckpt.LINEAR)
 
     def resume(self) -> None:
@@ -185,6 +187,8 @@ class ClassifierRun:
         self.classifier.encoder.load_state_dict(state["encoder"], strict=True)
         dist.unwrap(self.classifier.head).load_state_dict(state["head"])
         self.classifier.optimizer.load_state_dict(state["optimizer"])
+        if self.finetune and "scaler" in state:
+            self.classifier.scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         self.epoch, self.results = state["epoch"], state["results"]
         self.train_loader.load_state_dict({"epoch": self.epoch, "step": 0})  # saved at the epoch's end

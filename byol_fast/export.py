@@ -13,9 +13,9 @@ torchvision's own parameter names, batch-norm running statistics included, and n
 gives the pretrained network with a fresh classifier; it expects ImageNet-normalised input. Beside it:
 
 - ``--safetensors``: ``encoder.safetensors``, the same tensors in the safetensors format (no pickle);
-- ``--onnx``: ``encoder.onnx`` (opset ``--opset``, 18 by default; the batch dimension is dynamic),
-  checked against PyTorch with ONNX Runtime before it is kept;
-- ``--torch-export``: ``encoder.pt2``, a ``torch.export`` program (dynamic batch), loaded with
+- ``--onnx``: ``encoder.onnx`` (opset ``--opset``, 18 by default; batch, height and width dynamic),
+  checked against PyTorch with ONNX Runtime, on another batch and image size, before it is kept;
+- ``--torch-export``: ``encoder.pt2``, a ``torch.export`` program (dynamic batch and size), loaded with
   ``torch.export.load(path).module()``;
 - ``--torchscript``: ``encoder.torchscript.pt`` (TorchScript is deprecated in the pinned torch; kept as
   an option for runtimes that still want it), loaded with ``torch.jit.load``; also takes uint8.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import save_encoder, save_encoder_safetensors
+from .checkpoint import CheckpointError, save_encoder, save_encoder_safetensors
 from .config import TORCHVISION_BACKBONES
 from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
 from .runtime import run_cli
@@ -62,6 +62,8 @@ def export_encoder(weights: EncoderWeights, source: str | Path, out: str | Path,
     unknown = set(formats) - set(FORMATS)
     if unknown:
         raise ValueError(f"unknown export formats {sorted(unknown)} (choose from {', '.join(FORMATS)})")
+    if any(artifact_path(out, fmt) == Path(out) for fmt in formats):
+        raise CheckpointError(f"--out {out}: the state_dict and an export would share the name; use encoder.pt")
     encoder, width = build_frozen_encoder(weights, source)
     save_encoder(encoder.state_dict(), out, weights.mean, weights.std, weights.padding)
     written = [Path(out)]
@@ -75,14 +77,19 @@ def export_encoder(weights: EncoderWeights, source: str | Path, out: str | Path,
             save_encoder_safetensors(encoder.state_dict(), path, weights.mean, weights.std, weights.padding)
             written.append(path)
             continue
-        {"onnx": _onnx, "torch_export": _torch_export, "torchscript": _torchscript}[fmt](module, sample, tmp, opset)
-        os.replace(tmp, path)
+        try:
+            {"onnx": _onnx, "torch_export": _torch_export, "torchscript": _torchscript}[fmt](module, sample, tmp, opset)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # nothing half-written stays behind
         written.append(path)
     return written
 
 
 def _batch_dim():
-    return ({0: torch.export.Dim("batch", min=1)},)
+    """Batch, height and width all dynamic: a program takes any number of images of any size."""
+    auto = torch.export.Dim.AUTO
+    return ({0: auto, 2: auto, 3: auto},)
 
 
 def _onnx(module, sample, path: Path, opset: int) -> None:
@@ -94,13 +101,13 @@ def _onnx(module, sample, path: Path, opset: int) -> None:
         torch.onnx.export(module, (sample,), str(path), dynamo=True, input_names=["images"],
                           output_names=["features"], dynamic_shapes=_batch_dim(), opset_version=opset,
                           verbose=False, external_data=False)
-    check = torch.rand(3, *sample.shape[1:])
+    check = torch.rand(3, 3, sample.shape[2] + 17, sample.shape[3] + 9)  # another batch and another size
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": check.numpy()})[0])
     want = module(check)
     if (got - want).abs().max() > CHECK_TOLERANCE * want.abs().max():
-        path.unlink(missing_ok=True)
-        raise RuntimeError(f"ONNX Runtime's features differ from PyTorch's by {(got - want).abs().max():.3g}")
+        raise CheckpointError(f"ONNX Runtime's features differ from PyTorch's by {(got - want).abs().max():.3g}: "
+                              f"not written (try another --opset)")
 
 
 def _torch_export(module, sample, path: Path, opset: int) -> None:
@@ -134,12 +141,17 @@ def _export(args: argparse.Namespace) -> int:
     weights = read_encoder_weights(args.checkpoint, args.which)
     formats = [f for f in FORMATS if getattr(args, f)]
     written = export_encoder(weights, args.checkpoint, args.out, formats, args.opset)
-    if weights.backbone in TORCHVISION_BACKBONES:
+    norm = f"normalised with mean {list(weights.mean)} and std {list(weights.std)}"
+    if weights.padding == "same":
+        print(f"wrote {written[0]}: {weights.backbone} state_dict of a SAME-padding network (converted from "
+              f"TensorFlow/Haiku): torchvision.models.{weights.backbone}() would load it but pad otherwise; "
+              f"load it with byol_fast.features.load_encoder, or use the exported programs; input {norm}")
+    elif weights.backbone in TORCHVISION_BACKBONES:
         print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
-              f"(load with strict=False; expects ImageNet-normalised input)")
+              f"(load with strict=False; input {norm})")
     else:
         print(f"wrote {written[0]}: {weights.backbone} state_dict (torchvision has no such model: load it "
-              f"with byol_fast.features.load_encoder; expects ImageNet-normalised input)")
+              f"with byol_fast.features.load_encoder; input {norm})")
     what = {"safetensors": "the same state_dict as safetensors", "onnx": "ONNX, checked with ONNX Runtime",
             "torch_export": "torch.export program", "torchscript": "TorchScript"}
     for fmt, path in zip(formats, written[1:]):

@@ -29,11 +29,17 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a linear-evaluation checkpoint (RUN/linear/last.pt)")
     parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--topk", type=int, default=5, help="classes listed per image (default 5)")
+    parser.add_argument("--topk", type=_positive, default=5, help="classes listed per image (default 5)")
     parser.add_argument("--json", action="store_true", help="one JSON document on stdout instead of lines")
     parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     args = parser.parse_args(argv)
     return run_cli(lambda: _predict(args))
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def _predict(args: argparse.Namespace) -> int:

@@ -97,22 +97,22 @@ def read(path: str | Path, map_location="cpu"):
         try:
             with torch.serialization.safe_globals(NUMPY_GLOBALS):
                 return torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as e:
+        except pickle.UnpicklingError as e:  # whatever the weights-only reader refused: never advise more
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            if found:
-                raise _refusal(path, found.group(1)) from None
-            raise
+            detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
+            raise _refusal(path, found.group(1) if found else (detail.group(1) if detail else "code")) from None
     return read_pickle(path)
 
 
+# How torch.save's legacy (non-zip) format begins: its pickled magic number, at any protocol.
+_LEGACY_STARTS = tuple(pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p) for p in range(2, 6))
+
+
 def _starts_like_legacy_torch(path: Path) -> bool:
-    """torch.save's legacy (non-zip) format begins with a pickled magic number; a plain pickle
-    begins with its payload. The first object is read with the restricted unpickler (safe)."""
+    """Whether ``path`` begins as torch.save's legacy format does (a plain pickle begins with its payload)."""
     with open(path, "rb") as f:
-        try:
-            return ArrayUnpickler(f).load() == torch.serialization.MAGIC_NUMBER
-        except Exception:  # noqa: BLE001  anything else: not a legacy torch file
-            return False
+        head = f.read(max(map(len, _LEGACY_STARTS)))
+    return any(head.startswith(start) for start in _LEGACY_STARTS)
 
 
 def read_pickle(path: str | Path):

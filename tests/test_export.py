@@ -195,6 +195,11 @@ def test_onnx_torch_export_and_safetensors_run_without_byol_fast(pretrain_ckpt, 
         assert close(torch.from_numpy(got), want[:n])
     program = torch.export.load(str(tmp_path / "encoder.pt2")).module()
     assert close(program(images01), want)
+    other = torch.rand(2, 3, 96, 80)  # and so are height and width
+    with torch.no_grad():
+        want_other = torchvision_features(torch.load(out, weights_only=True), (other - MEAN) / STD)
+    assert close(torch.from_numpy(session.run(None, {"images": other.numpy()})[0]), want_other)
+    assert close(program(other), want_other)
     sd = load_file(str(tmp_path / "encoder.safetensors"))
     with torch.no_grad():
         assert close(torchvision_features(sd, (images01 - MEAN) / STD), want)

@@ -117,7 +117,10 @@ def convert(obj, source: str, layout: str = "auto") -> Converted:
         raise CheckpointError(f"--format: {layout!r} is not one of auto, {', '.join(LAYOUTS)}")
     elif not _module(layout).detect(obj):
         raise CheckpointError(f"{source} is not in the {layout} layout")
-    converted = _module(layout).convert(obj)
+    try:
+        converted = _module(layout).convert(obj)
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:  # a malformed file of that layout
+        raise CheckpointError(f"{source} ({layout}): not a well-formed file of this layout: {type(e).__name__}: {e}") from None
     if converted.unmapped:
         raise CheckpointError(f"{source} ({layout}): {len(converted.unmapped)} backbone tensors have no torchvision "
                               f"name: {', '.join(converted.unmapped[:6])}")
