@@ -74,7 +74,7 @@ from byol_fast.runtime import resolve_device, resolve_precision, to_device  # no
 from byol_fast.schedules import scaled_lr  # noqa: E402
 
 # byol_fast/REFERENCE.md section 2: BYOL ResNet-50 224 px on 8x V100 with AMP (compute bound), and the
-# linear-evaluation figure of seed 000 on 8 GPUs.
+# linear-evaluation figure DeepSparkHub reports for its mmpretrain-based BYOL recipe on 8 GPUs.
 TARGET_BYOL_8XV100 = 3121.0
 TARGET_LINEAR_8GPU = 5408.0
 # Other public anchors drawn beside the measured bars on a GPU (same section).
