@@ -18,6 +18,7 @@ from pipelines.contract import EpochLoader, Shard
 
 from . import dist
 from .features import freeze
+from .runtime import to_device
 
 
 def make_head(width: int, num_classes: int, head_bn: bool) -> nn.Module:
@@ -53,7 +54,7 @@ class LinearClassifier:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, S, S) -> features (B, width) float32 (the classifier runs in fp32)."""
-        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        images = to_device(images, self.device, self.memory_format == torch.channels_last)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
             return self.encoder(images).float()
 
@@ -91,7 +92,7 @@ class FineTuner(LinearClassifier):
         return self.net.parameters()
 
     def train_input(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        return to_device(images, self.device, self.memory_format == torch.channels_last)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:
@@ -148,13 +149,12 @@ class ImageClassifier:
 
         from . import checkpoint as ckpt
         from .config import FinetuneConfig, LinearConfig, load_config
-        from .features import EncoderWeights, build_frozen_encoder
+        from .features import build_frozen_encoder, encoder_weights
 
         state = ckpt.load(path, ckpt.LINEAR)
         schema = FinetuneConfig if state.get("source", {}).get("finetune") else LinearConfig
         cfg = load_config(None, state["config"], cls=schema)
-        weights = EncoderWeights(state["encoder"], state["backbone"], tuple(state["mean"]), tuple(state["std"]),
-                                 state.get("padding", "torchvision"))
+        weights = encoder_weights(state, path)
         encoder, width = build_frozen_encoder(weights, path)
         head = make_head(width, len(state["classes"]), cfg.head_bn)
         head.load_state_dict(state["head"])

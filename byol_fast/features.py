@@ -61,9 +61,13 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
     ``which`` picks the tower of a pretraining checkpoint ("online" or "target"); ``backbone``
     overrides the name the file implies (it must still match the weights).
     """
+    return encoder_weights(ckpt.load(path), path, which, backbone)
+
+
+def encoder_weights(obj: dict, path: str | Path, which: str = "online", backbone: str | None = None) -> EncoderWeights:
+    """The encoder in ``obj``, a file already read by byol_fast.checkpoint.load from ``path``."""
     if which not in ("online", "target"):
         raise ValueError(f"which: expected 'online' or 'target', got {which!r}")
-    obj = ckpt.load(path)
     kind = ckpt.kind_of(obj)
     if kind == ckpt.PRETRAIN:
         prefix = "encoder."
@@ -92,18 +96,28 @@ def read_encoder_weights(path: str | Path, which: str = "online", backbone: str 
     return weights
 
 
-def infer_backbone(state: dict[str, torch.Tensor], source: str | Path = "state_dict") -> str:
-    """The backbone (byol_fast.model.BACKBONES) whose encoder keys and shapes are exactly those of
-    ``state``; otherwise a CheckpointError naming what differs from the nearest one."""
-    shapes = {}
+def nearest_backbone(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Size]]:
+    """(name, its encoder's key -> shape) of the backbone (byol_fast.model.BACKBONES) whose keys differ
+    least from ``state``'s: the exact one when there is one."""
+    best = None
     for name in BACKBONES:
         with torch.device("meta"):  # no memory, no initialisation cost
-            shapes[name] = {k: v.shape for k, v in build_encoder(name)[0].state_dict().items()}
-        if shapes[name].keys() == state.keys() and all(shapes[name][k] == state[k].shape for k in state):
-            return name
-    nearest = min(shapes, key=lambda n: len(set(shapes[n]) ^ set(state)))
-    misshapen = sorted(k for k in set(shapes[nearest]) & set(state) if shapes[nearest][k] != state[k].shape)
-    hint = _key_hint(set(state), set(shapes[nearest]))
+            shapes = {k: v.shape for k, v in build_encoder(name)[0].state_dict().items()}
+        if shapes.keys() == state.keys() and all(shapes[k] == state[k].shape for k in state):
+            return name, shapes
+        if best is None or len(set(shapes) ^ set(state)) < len(set(best[1]) ^ set(state)):
+            best = (name, shapes)
+    return best
+
+
+def infer_backbone(state: dict[str, torch.Tensor], source: str | Path = "state_dict") -> str:
+    """The backbone whose encoder keys and shapes are exactly those of ``state``; otherwise a
+    CheckpointError naming what differs from the nearest one."""
+    nearest, shapes = nearest_backbone(state)
+    misshapen = sorted(k for k in set(shapes) & set(state) if shapes[k] != state[k].shape)
+    if shapes.keys() == state.keys() and not misshapen:
+        return nearest
+    hint = _key_hint(set(state), set(shapes))
     if misshapen:
         hint += f"; {len(misshapen)} of another shape (e.g. {misshapen[0]}: {tuple(state[misshapen[0]].shape)})"
     raise CheckpointError(f"{source}: its keys match no known encoder ({', '.join(BACKBONES)}); "

@@ -31,26 +31,25 @@ class UnsafeFileError(ValueError):
     """A file that would run code to load; the message names the file and the callable."""
 
 
-def _numpy_globals() -> list:
-    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")] if hasattr(np, "dtypes") else []
-    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
+_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+_DTYPES = {n: getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")} if hasattr(np, "dtypes") else {}
 
+# What torch.load(weights_only=True) admits beyond its own list: numpy arrays, scalars and dtypes.
+NUMPY_GLOBALS = [_MULTIARRAY._reconstruct, _MULTIARRAY.scalar, np.ndarray, np.dtype, *_DTYPES.values()]
 
-NUMPY_GLOBALS = _numpy_globals()
-
-# (module, name) pairs a plain pickle may name: numpy's array and scalar reconstruction (under the
-# module names numpy 1 and numpy 2 write), OrderedDict, and the str -> bytes encoding with which
-# protocol-2 pickles write bytes.
-_PICKLE_ALLOWED = {("collections", "OrderedDict"), ("_codecs", "encode")} | {
-    (module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-    for name in ("_reconstruct", "scalar")} | {("numpy", "ndarray"), ("numpy", "dtype")}
-
-
-# Classes of released checkpoints that only hold data (DeepMind's BYOL release, byol_fast.layouts.deepmind):
-# rebuilt as inert stand-ins of the same shape, never imported. A NamedTuple becomes a namedtuple with
-# its fields; Haiku's immutable mappings (rebuilt from a dict) become dicts.
-_DATA_CLASSES = {
+# The one allow-list of plain pickles: (module, name) -> what it may stand for. numpy's array and
+# scalar reconstruction (under the module names numpy 1 and numpy 2 write) and dtypes, OrderedDict,
+# the str -> bytes encoding with which protocol-2 pickles write bytes; and, as inert stand-ins of the
+# same shape, never imported, the data-only classes of DeepMind's BYOL release
+# (byol_fast.layouts.deepmind): its NamedTuples become namedtuples with their fields, Haiku's
+# immutable mappings (rebuilt from a dict) dicts.
+_ALLOWED = {
+    **{(m, n): getattr(_MULTIARRAY, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+       for n in ("_reconstruct", "scalar")},
+    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+    **{(m, n): cls for m in ("numpy", "numpy.dtypes") for n, cls in _DTYPES.items()},
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("_codecs", "encode"): codecs.encode,
     ("byol.byol_experiment", "_ByolExperimentState"): collections.namedtuple(
         "_ByolExperimentState", ["online_params", "target_params", "online_state", "target_state", "opt_state"]),
     ("byol.utils.optimizers", "AddWeightDecayState"): collections.namedtuple("AddWeightDecayState", []),
@@ -63,23 +62,13 @@ _DATA_CLASSES = {
 
 
 class ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays in plain containers (and the data classes above) and refuses every other global."""
+    """Unpickles numpy arrays in plain containers (and the stand-ins above) and refuses every other global."""
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _PICKLE_ALLOWED:
-            if module == "collections":
-                return collections.OrderedDict
-            if module == "_codecs":
-                return codecs.encode
-            if name in ("ndarray", "dtype"):
-                return getattr(np, name)
-            multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-            return getattr(multiarray, name)
-        if (module, name) in _DATA_CLASSES:
-            return _DATA_CLASSES[(module, name)]
-        if module in ("numpy.dtypes", "numpy") and name.endswith("DType") and hasattr(np.dtypes, name):
-            return getattr(np.dtypes, name)
-        raise UnsafeFileError(f"{module}.{name}")
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafeFileError(f"{module}.{name}") from None
 
 
 def _refusal(path: Path, what: str) -> UnsafeFileError:

@@ -65,15 +65,12 @@ class Converted:
 def check_complete(state: dict, layout: str, source_name) -> None:
     """Refuse a backbone that is not exactly one known encoder's, naming the tensors missing from (and
     left over beyond) the nearest one, both under torchvision's and under the file's names
-    (``source_name(torchvision_name)``). ``byol_fast.features.infer_backbone``, which
-    ``layouts.convert`` runs next, names the tensors under torchvision's names only."""
-    from ..config import BACKBONES
-    from ..model import build_encoder
+    (``source_name(torchvision_name)``); ``byol_fast.features.infer_backbone``, which
+    ``layouts.convert`` runs next, names them under torchvision's names only."""
+    from ..features import nearest_backbone
 
     given = set(state)
-    with torch.device("meta"):
-        candidates = [set(build_encoder(name)[0].state_dict()) for name in BACKBONES]
-    nearest = min(candidates, key=lambda keys: len(keys ^ given))
+    nearest = set(nearest_backbone(state)[1])
     missing, extra = sorted(nearest - given), sorted(given - nearest)
     if missing or extra:
         parts = []

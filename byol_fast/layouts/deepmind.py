@@ -53,7 +53,7 @@ import torch
 from ..checkpoint import CheckpointError
 from ..config import TORCHVISION_BACKBONES
 from ..model import build_encoder
-from . import Converted
+from . import Converted, top_level_dropped
 
 # _ByolExperimentState's fields, in their order.
 FIELDS = ("online_params", "target_params", "online_state", "target_state", "opt_state")
@@ -138,6 +138,19 @@ def _leaves(tree, path: str):
         yield path, tree
 
 
+def _encoder_modules(tree: Mapping, net: str, prefix: str, dropped: dict):
+    """(module, its name under the encoder, values) of the encoder's modules in a Haiku ``tree``;
+    the other networks' modules (heads) go to ``dropped`` with their reason."""
+    for module, values in tree.items():
+        module = str(module)
+        head = module.split("/~/", 1)[0]
+        if head != net:
+            reason = HEADS.get(head, "not part of the encoder")
+            dropped.update({path: reason for path, _ in _leaves(values, f"{prefix}/{module}")})
+            continue
+        yield module, module[len(net) + 3:], values
+
+
 def convert(obj: dict) -> Converted:
     fields = _experiment_state(obj)
     params, state = fields["online_params"], fields["online_state"]
@@ -154,9 +167,7 @@ def convert(obj: dict) -> Converted:
     unmapped: list[str] = []
 
     if "experiment_state" in obj:
-        for key in obj:
-            if key != "experiment_state":
-                dropped[str(key)] = TOP_LEVEL.get(key, "not part of the network")
+        dropped.update(top_level_dropped(obj, "experiment_state", TOP_LEVEL))
     for name, reason in DROPPED_FIELDS.items():
         dropped.update({path: reason for path, _ in _leaves(fields[name], name)})
 
@@ -166,14 +177,7 @@ def convert(obj: dict) -> Converted:
         out[key], source[key] = value, src
 
     bn_modules = set()
-    for module, tensors in params.items():
-        module = str(module)
-        head = module.split("/~/", 1)[0]
-        if head != net:
-            reason = HEADS.get(head, "not part of the encoder")
-            dropped.update({path: reason for path, _ in _leaves(tensors, f"online_params/{module}")})
-            continue
-        rest = module[len(net) + 3:]
+    for module, rest, tensors in _encoder_modules(params, net, "online_params", dropped):
         target = _torch_module(rest)
         if target is None or not isinstance(tensors, Mapping):
             if rest == "logits":  # ResNetTorso's classifier layer (never called in DeepMind's code)
@@ -195,14 +199,8 @@ def convert(obj: dict) -> Converted:
         if kind == "batchnorm":
             bn_modules.add(path)
 
-    for module, values in state.items():
-        module = str(module)
-        head = module.split("/~/", 1)[0]
-        if head != net:
-            reason = HEADS.get(head, "not part of the encoder")
-            dropped.update({path: reason for path, _ in _leaves(values, f"online_state/{module}")})
-            continue
-        bn, _, ema = module[len(net) + 3:].rpartition("/~/")
+    for module, rest, values in _encoder_modules(state, net, "online_state", dropped):
+        bn, _, ema = rest.rpartition("/~/")
         target = _torch_module(bn)
         if target is None or target[1] != "batchnorm" or ema not in _EMA or not isinstance(values, Mapping):
             unmapped.extend(path for path, _ in _leaves(values, f"online_state/{module}"))
