@@ -13,10 +13,12 @@ How it is computed, and where it departs from torchvision's transforms:
 
 * Colour jitter and grayscale are linear maps of each pixel's RGB vector, except that contrast blends
   towards the image's grey mean. Composed in the drawn order they give, per image,
-  ``out = A x + D mu`` with ``mu`` the crop's per-channel mean; A and D are 3x3 matrices that numpy
-  builds on the CPU from DALI's uniforms (:func:`colour_matrices`). So jitter + grayscale is one pass
-  over the pixels with a single clamp and rounding to uint8 at the end, where torchvision clamps (and
-  on PIL images rounds) after each of the four ops: pixels that saturate mid-way differ slightly.
+  ``out = A x + D mu`` with ``mu`` the crop's per-channel mean; DALI operators build the 3x3 matrices
+  A and D on the CPU from the view's draws (:func:`colour_maps`; the numpy reference they are tested
+  against is ``pipelines.colour``), so no Python runs per batch: a Python callback would take the GIL
+  from the training thread every batch. Jitter + grayscale is then one pass over the pixels with a
+  single clamp and rounding to uint8 at the end, where torchvision clamps (and on PIL images rounds)
+  after each of the four ops: pixels that saturate mid-way differ slightly.
 * Hue is a rotation of the RGB vector about the grey axis by ``hue * 360`` degrees (positive = red
   towards green, as in HSV). torchvision (and TF, the paper's) shift H in HSV space, which is not
   linear in RGB; the grey-axis rotation is about the least-squares best linear map (measured on random
@@ -36,33 +38,113 @@ tensor with channels_last strides, the format the convolutions run fastest in, w
 from __future__ import annotations
 
 import numpy as np
+import nvidia.dali.math as dmath
 from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.pipeline import Pipeline, do_not_convert
+from nvidia.dali.pipeline import Pipeline
 
 from byol_fast.config import DataConfig, ReaderConfig, ViewConfig
-from pipelines.colour import NUM_UNIFORMS, colour_matrices
+from pipelines.colour import BRIGHTNESS, CONTRAST, GREY, HUE, ORDERS, SATURATION, factor_range, hue_range
 from pipelines.decode import INTERP, build, decode, normalise, read_files
 
-@do_not_convert  # keep AutoGraph (enable_conditionals) away from plain numpy code
-def _colour_function(view: ViewConfig):
-    """fn.python_function body: a batch of uniform vectors -> lists of per-sample A and D."""
+# ---------------------------------------------------------------------------- colour jitter + grayscale
+#
+# Every jitter map is linear in q = (1, b, c, s, cos theta, sin theta), the view's factors and angle:
+# brightness b I, contrast c I (pixels) or c I + (1 - c) J (the mean), saturation s I + (1 - s) J, hue
+# cos I + sin K + (1 - cos) k k^T (Rodrigues about k = (1, 1, 1) / sqrt 3, K its cross-product matrix).
+# Which map stands at which place of the two chains (pixels and mean) depends only on the order. So
+# the table below holds, per order, the entries of the 8 maps (4 places x 2 chains) as coefficients over
+# q, built once in numpy; per sample the graph picks its order's rows with one run-time subscript,
+# evaluates all 8 maps with one fn.coord_transform (the rows are 6-d points, q a 1 x 6 matrix) and
+# composes each chain, then grayscale (J or I, also picked by subscript), with fn.transforms.combine.
+# A jitter that does not fire is q = (1, 1, 1, 1, 1, 0): every map is the identity.
+#
+# Why a table rather than building the four maps with arithmetic and picking them from a stacked tensor
+# by the order: each DALI operator costs some 10-70 us of CPU per batch of 32, plus about 1 us per
+# sample, whatever its size. That way takes some 35 operators per view (measured: 1.5-2.4 ms of CPU
+# per batch of 32, 5.9-6.6 ms per 256), this one 18 (0.75-0.8 and 2.8-3.3 ms; the former Python
+# callback took 0.6 and 1.7-1.8, holding the GIL). One table over all 96 (fire, gray, order) cases would
+# save 3 operators but add some 35 ms to every pipeline build (once per epoch), which converts every
+# float of a constant. All these operators run on the CPU (argument inputs are CPU data), so the same
+# graph serves device="cpu" and "gpu".
 
-    def colour_batch(us):
-        a, d = colour_matrices(np.stack(us), view)
-        return list(a), list(d)
+_Q = 6  # (1, b, c, s, cos theta, sin theta)
+_ONE, _B, _C, _S, _COS, _SIN = range(_Q)
+_FROM_COS = np.array([1, 0, 0, 0, 1, 1], np.float32)  # q's entries taken from cos(z), the others from z
 
-    return colour_batch
+
+def _map(terms: dict[int, np.ndarray]) -> np.ndarray:
+    """A colour map as (3, 4, Q) coefficients over q, from {slot of q: 3x3 matrix}:
+    ``_map({_ONE: J, _S: I - J})`` is J + s (I - J); the translation column stays zero."""
+    out = np.zeros((3, 4, _Q))
+    for slot, matrix in terms.items():
+        out[:, :3, slot] = matrix
+    return out
+
+
+def _order_table() -> np.ndarray:
+    """(24, 8 * 12, Q) float32: for each order, the pixel maps at places 0..3 then the mean maps at
+    places 0..3; row 12 m + 4 i + j holds entry (i, j) of map m as coefficients over q."""
+    eye, grey = np.eye(3), GREY
+    k = 1.0 / np.sqrt(3.0)
+    cross = np.array([[0.0, -k, k], [k, 0.0, -k], [-k, k, 0.0]])
+    axis = np.full((3, 3), 1.0 / 3.0)  # k k^T
+    saturation = _map({_ONE: grey, _S: eye - grey})
+    hue = _map({_ONE: axis, _COS: eye - axis, _SIN: cross})
+    pixel = {BRIGHTNESS: _map({_B: eye}), CONTRAST: _map({_C: eye}), SATURATION: saturation, HUE: hue}
+    mean = {**pixel, CONTRAST: _map({_ONE: grey, _C: eye - grey})}
+    table = np.array([[pixel[op] for op in order] + [mean[op] for op in order] for order in ORDERS])
+    return table.reshape(len(ORDERS), 8 * 12, _Q).astype(np.float32)
+
+
+_ORDER_TABLE = _order_table()
+_GRAYSCALE = np.stack([np.eye(3, 4), np.pad(GREY, ((0, 0), (0, 1)))]).astype(np.float32)  # not fired, fired
+
+
+def _to_z(view: ViewConfig) -> np.ndarray:
+    """(2, Q, 5) float32 [M | T] maps of the uniforms u (b, c, s, hue) to z = (0, b, c, s, theta,
+    theta - pi/2), whose cosine gives q where q needs one (cos(theta - pi/2) = sin theta, to float32
+    precision: 4e-8 off at theta = 0): [0] when the jitter does not fire (a constant: factors 1, angle
+    0), [1] when it does (uniform on torchvision's ranges)."""
+    z = np.zeros((2, _Q, 5))
+    z[0, :, 4] = [0.0, 1.0, 1.0, 1.0, 0.0, -np.pi / 2]
+    ranges = [factor_range(view.brightness), factor_range(view.contrast), factor_range(view.saturation),
+              hue_range(view.hue)]
+    for col, (slot, (lo, hi)) in enumerate(zip((_B, _C, _S, _COS), ranges)):
+        z[1, slot, col], z[1, slot, 4] = hi - lo, lo
+    z[1, _SIN] = z[1, _COS] - [0.0, 0.0, 0.0, 0.0, np.pi / 2]
+    return z.astype(np.float32)
+
+
+def colour_maps(view: ViewConfig):
+    """The per-sample colour matrices of one view, as DALI DataNodes on the CPU: (A, D, draws).
+
+    A and D are float32 (3, 4), ``out = A x + D mu`` (pipelines.colour.colour_matrices says why).
+    draws (exposed for the tests): "fire" and "gray", int32 flags (jitter with jitter_p, grayscale with
+    grayscale_p), "order", an int32 index into ORDERS (uniform: torchvision's randperm(4)), and "u",
+    float (1, 4) uniforms of (b, c, s, hue), read by pipelines.colour.jitter_values.
+    """
+    fire = fn.random.coin_flip(probability=view.jitter_p, dtype=types.INT32)
+    gray = fn.random.coin_flip(probability=view.grayscale_p, dtype=types.INT32)
+    order = fn.random.uniform(values=list(range(len(ORDERS))), dtype=types.INT32)
+    u = fn.random.uniform(range=(0.0, 1.0), shape=(1, 4))
+    z = fn.coord_transform(u, MT=types.Constant(_to_z(view))[fire])  # (1, Q)
+    q = z * (1.0 - _FROM_COS) + dmath.cos(z) * _FROM_COS
+    entries = fn.coord_transform(types.Constant(_ORDER_TABLE)[order], M=q)  # (8 * 12, 1)
+    maps = fn.element_extract(fn.reshape(entries, shape=(8, 3, 4), layout="F**"), element_map=list(range(8)))
+    grayscale = types.Constant(_GRAYSCALE)[gray]
+    a = fn.transforms.combine(*maps[:4], grayscale)  # applied in the listed order: the drawn order, then gray
+    c = fn.transforms.combine(*maps[4:], grayscale)
+    return a, c - a, dict(fire=fire, gray=gray, order=order, u=u)
 
 
 def jitter_and_grayscale(img, view: ViewConfig):
     """uint8 HWC image -> uint8 HWC image after colour jitter (p, random order) and grayscale (p).
 
-    One pass over the pixels: ``clamp(round(A x + D mu))`` (see colour_matrices). The matrices come
-    from DALI uniforms (so they are seeded and checkpointed with the pipeline) mapped by numpy on the
-    CPU, a few microseconds per batch; mu is reduced where the image lives (the GPU for device="gpu").
+    One pass over the pixels: ``clamp(round(A x + D mu))`` (see colour_maps). The matrices are built by
+    DALI operators on the CPU from DALI draws (so they are seeded and checkpointed with the pipeline);
+    mu is reduced where the image lives (the GPU for device="gpu").
     """
-    u = fn.random.uniform(range=(0.0, 1.0), shape=(NUM_UNIFORMS,))
-    a, d = fn.python_function(u, function=_colour_function(view), batch_processing=True, num_outputs=2)
+    a, d, _ = colour_maps(view)
     mu = fn.reductions.mean(img, axes=(0, 1))  # (3,) float
     shift = fn.coord_transform(fn.reshape(mu, shape=(1, 3)), MT=d)  # (1, 3): (C - A) mu
     out = fn.coord_transform(img, MT=a) + fn.reshape(shift, shape=(1, 1, 3))
