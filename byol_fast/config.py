@@ -135,7 +135,8 @@ class Config:
     precision: str = "auto"  # auto (bf16 if supported, else fp16 on CUDA; fp32 on CPU) | bf16 | fp16 | fp32
     channels_last: bool = True
     sync_bn: bool = True  # SyncBatchNorm across GPUs (CUDA only)
-    compile: bool = False  # torch.compile the online network
+    compile: bool = False  # torch.compile the step: forward + loss (and its backward), and LARS + EMA
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
     log_every: int = 20  # steps between metric reads (each read is a host sync)
     checkpoint_minutes: float = 15.0  # also written at every epoch end and when a stop signal arrives
     max_nonfinite_steps: int = 20  # stop after this many skipped (non-finite) steps in a row
@@ -207,6 +208,7 @@ CHOICES = {
     "init": ("checkpoint", "random"),
     "which": ("online", "target"),
     "features": ("images", "cached"),
+    "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
 # Keys that moved to the reader section: an old recipe gets told where they went.

@@ -238,8 +238,14 @@ class BYOL(nn.Module):
                 "prediction": q1.detach(), "target_projection": z_target2}
 
     @torch.no_grad()
-    def update_target(self, tau: float) -> None:
-        """target <- tau * target + (1 - tau) * online, over parameters only, in a few fused kernels."""
-        online = list(self.online.parameters())
-        target = list(self.target.parameters())
-        torch._foreach_lerp_(target, online, 1.0 - tau)
+    def update_target(self, tau: float | torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """target <- tau * target + (1 - tau) * online, over parameters only, in a few fused kernels.
+
+        ``tau`` may be a 0-dim device tensor (a compiled step reads it as an input, never as a
+        constant); with ``ok`` (0-dim bool) a step that was not applied leaves the target exactly as
+        it was (weight 0: ``t + 0 * (o - t)``), decided on the device.
+        """
+        weight = 1.0 - tau
+        if ok is not None:
+            weight = torch.where(ok, weight, 0.0)
+        torch._foreach_lerp_(list(self.target.parameters()), list(self.online.parameters()), weight)

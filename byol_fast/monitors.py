@@ -158,20 +158,28 @@ class OnlineProbe:
         self.optimizer = torch.optim.SGD(self.head.parameters(), lr=lr, momentum=momentum, nesterov=True)
         self._sums = torch.zeros(3, device=device)  # loss sum, correct, count
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        logits = self.head(features.detach().float())  # stop-gradient: the probe never trains the encoder
+    def step(self, features: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor | None = None) -> None:
+        """One SGD step on ``features`` (N, F) and ``labels`` (N,). ``ok`` (device bool, the training step's
+        finite flag): where false the features may be NaN, so they are zeroed and the loss weighted by 0:
+        the head gets a zero gradient (its momentum still carries it a little) and the step is not
+        counted. Decided on the device, without a host sync."""
+        features = features.detach().float()  # stop-gradient: the probe never trains the encoder
+        weight = torch.ones((), device=features.device) if ok is None else ok.float()
+        if ok is not None:
+            features = torch.where(ok, features, 0.0)
+        logits = self.head(features)
         loss = F.cross_entropy(logits, labels)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             self._average_gradients()
         self.optimizer.step()
         with torch.no_grad():
             correct = (logits.argmax(dim=1) == labels).sum()
-            # In-place adds of Python numbers launch kernels; torch.tensor(n, device=cuda) would sync.
-            self._sums[0] += loss.detach() * len(labels)
-            self._sums[1] += correct
-            self._sums[2] += len(labels)
+            # In-place adds of device tensors launch kernels; torch.tensor(n, device=cuda) would sync.
+            self._sums[0] += loss.detach() * len(labels) * weight
+            self._sums[1] += correct * weight
+            self._sums[2] += len(labels) * weight
 
     def _average_gradients(self) -> None:
         """One all-reduce of the flattened weight and bias gradients, divided by the world size."""

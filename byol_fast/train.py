@@ -22,7 +22,7 @@ from .config import Config, ConfigError, LinearDataConfig, load_config, to_dict,
 from .index import checked_index
 from .learner import Learner
 from .loaders import eval_loader, two_view_loader
-from .metrics import Throughput, Writer, collapse_stats, pair_retrieval
+from .metrics import Window, Writer, collapse_stats, format_duration, pair_retrieval
 from .monitors import KnnMonitor, OnlineProbe
 from .runtime import (PREEMPTED_EXIT, DivergedError, Process, SaveSchedule, per_process_batch, run_cli,
                       to_device)
@@ -95,6 +95,7 @@ class Run:
         self.step = 0
         self.writer = Writer(str(self.out), self.info.is_main)
         self.schedule = SaveSchedule(cfg.checkpoint_minutes, self.log)
+        self.saver = ckpt.BackgroundWriter()  # checkpoints written off the loop's critical path
         self.resume()
 
     # ------------------------------------------------------------------ checkpoints
@@ -117,10 +118,14 @@ class Run:
         return [state]
 
     def save(self) -> None:
-        state = self.state()  # every rank takes part in gathering loader states
+        """Snapshot the state (every rank takes part in gathering loader states) and, on rank 0, write
+        it in the background: the loop pauses only for the copy to host memory."""
+        state = self.state()
         if self.info.is_main:
-            ckpt.save(state, self.out / ckpt.LAST, ckpt.PRETRAIN)
-            self.log(f"saved {self.out / ckpt.LAST} at step {self.step}")
+            path, step = self.out / ckpt.LAST, self.step
+            paused = self.saver.save(state, path, ckpt.PRETRAIN,
+                                     on_done=lambda: self.log(f"saved {path} at step {step}"))
+            self.writer.scalars({"train/checkpoint_pause_s": paused}, step)
         self.schedule.saved()
 
     def resume(self) -> None:
@@ -168,38 +173,36 @@ class Run:
                  f"global batch {cfg.optim.batch_size} ({self.batch}/process x {self.info.world_size} "
                  f"x {cfg.optim.accumulate} accumulation); peak lr {self.peak_lr:g}; precision {self.learner.amp_dtype}")
         self.learner.model.train()
-        meter, loss_sum, counted, since_log = Throughput(), torch.zeros((), device=self.device), 0, 0
+        window = Window(self.device)
         stream = self._batches()
         while self.step < last_step:
             lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
             tau = tau_at(self.step, self.total_steps, cfg.ema.tau_base)
-            micro = [next(stream) for _ in range(cfg.optim.accumulate)]
+            with window.waiting():
+                micro = [next(stream) for _ in range(cfg.optim.accumulate)]
             loss = self.learner.step([m[:2] for m in micro], lr, tau)
             self.step += 1
-            if self.learner.skipped_in_row:
-                self._on_nonfinite()
-            else:
-                if self.probe:  # features of the last micro-batch, detached: the probe never shapes them
-                    self.probe.step(self.learner.last["representation"], micro[-1][2])
-                loss_sum += loss
-                counted += 1
-            since_log += 1
-            meter.add(cfg.optim.batch_size)
+            ok = self.learner.ok  # decided on the device: nothing here waits for the step
+            if self.probe:  # features of the last micro-batch, detached: the probe never shapes them
+                self.probe.step(self.learner.last["representation"], micro[-1][2], ok)
+            window.add(loss, ok, cfg.optim.batch_size)
             epoch_end, last = self.step % self.steps_per_epoch == 0, self.step == last_step
             if self.knn and ((epoch_end and (self.step // self.steps_per_epoch) % cfg.monitor.knn_every == 0) or last):
                 self._knn()
-            if since_log == cfg.log_every or epoch_end or last:
-                self._report(loss_sum / max(counted, 1), meter.read())  # host sync: reads the loss
-                loss_sum.zero_()
-                counted = since_log = 0
+            if window.steps == cfg.log_every or epoch_end or last:
+                self._check_skips()
+                self._report(window, last_step)  # host sync: reads the loss
             save, stop = self.schedule.poll(epoch_end, last)
             if save:
+                self._check_skips()  # never save the state of a run that has diverged
                 self.save()
             if stop:
                 self.schedule.close()
+                self.saver.close()  # the checkpoint is on disk before the exit status says so
                 self.log(f"stopped at step {self.step}; run the same command to resume")
                 return PREEMPTED_EXIT
         self.schedule.close()
+        self.saver.close()
         self.writer.close()
         self.log(f"done: {self.step} steps")
         return 0
@@ -213,17 +216,22 @@ class Run:
                  f"top5 {acc['knn/top5']:.2f} ({time.perf_counter() - start:.1f} s)")
         self.writer.scalars(acc, self.step)
 
-    def _on_nonfinite(self) -> None:
-        """A skipped step still counts (schedules stay on time); too many in a row end the run."""
-        n = self.learner.skipped_in_row
-        self.log(f"step {self.step}: non-finite loss or gradients, step skipped ({n} in a row, "
-                 f"{self.learner.skipped_total} in all)")
-        self.writer.scalars({"train/skipped_steps": self.learner.skipped_total}, self.step)
-        if n >= self.cfg.max_nonfinite_steps:
+    def _check_skips(self) -> None:
+        """Skipped (non-finite) steps since the last check, read from the device counters (a host sync:
+        log points and saves only). A skipped step still counts (schedules stay on time); too many in
+        a row end the run, at the first check after they happen (they changed nothing meanwhile)."""
+        in_row, new, longest = self.learner.read_skips()
+        if not new:
+            return
+        total = self.learner.skipped_total
+        self.log(f"step {self.step}: {new} step(s) with non-finite loss or gradients skipped since the last report "
+                 f"(longest run {longest} in a row, {in_row} in a row now, {total} in all)")
+        self.writer.scalars({"train/skipped_steps": total}, self.step)
+        if longest >= self.cfg.max_nonfinite_steps:
             raise DivergedError(
-                f"{n} non-finite steps in a row at step {self.step}: training diverged. Likely causes: a learning "
-                f"rate too high for this batch (optim.lr={self.cfg.optim.lr}), fp16 overflow (try --precision=bf16 "
-                f"or fp32), or bad input data. The last checkpoint ({self.out / ckpt.LAST}) is from before.")
+                f"{longest} non-finite steps in a row before step {self.step}: training diverged. Likely causes: a "
+                f"learning rate too high for this batch (optim.lr={self.cfg.optim.lr}), fp16 overflow (try "
+                f"--precision=bf16 or fp32), or bad input data. The last checkpoint ({self.out / ckpt.LAST}) is from before.")
 
     def _batches(self):
         """An endless stream of (view1, view2[, labels]) micro-batches on the training device.
@@ -239,17 +247,20 @@ class Run:
                 yield (to_device(view1, self.device, channels_last), to_device(view2, self.device, channels_last),
                        *(y.to(self.device, non_blocking=True) for y in labels))
 
-    def _report(self, loss: torch.Tensor, images_per_s: float) -> None:
+    def _report(self, window: Window, last_step: int) -> None:
+        """The progress line and its TensorBoard scalars; closes the window."""
         epoch = (self.step - 1) // self.steps_per_epoch
         lr = self.learner.optimizer.param_groups[0]["lr"]
         tau = tau_at(self.step - 1, self.total_steps, self.cfg.ema.tau_base)
-        device_stats = {"train/loss": dist.all_reduce_mean(loss),
+        device_stats = {"train/loss": dist.all_reduce_mean(window.loss()),
                         **collapse_stats(self.learner.last["projection"]),
                         "train/pair_top1": 100.0 * pair_retrieval(self.learner.last["prediction"],
                                                                   self.learner.last["target_projection"])}
         # One host sync for all of them (read every log_every steps, never per step).
         stats = dict(zip(device_stats, torch.stack(list(device_stats.values())).tolist()))
         loss = stats.pop("train/loss")
+        w = window.read()  # after the sync: the window's time is the GPU's
+        eta_s = (last_step - self.step) * w["seconds_per_step"]
         extra = ""
         if self.probe:
             stats.update(self.probe.read())
@@ -258,10 +269,12 @@ class Run:
             stats["train/peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
             extra += f" peak_mem {stats['train/peak_mem_gib']:.1f}GiB"
         self.log(f"epoch {epoch} step {self.step}/{self.total_steps} loss {loss:.4f} lr {lr:.4g} tau {tau:.5f} "
-                 f"img/s {images_per_s:.1f} proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f} "
-                 f"pair_top1 {stats['train/pair_top1']:.1f}{extra}")
+                 f"img/s {w['images_per_s']:.1f} data_wait {100 * w['data_wait']:.1f}% "
+                 f"proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f} "
+                 f"pair_top1 {stats['train/pair_top1']:.1f}{extra} eta {format_duration(eta_s)}")
         self.writer.scalars({"train/loss": loss, "train/lr": lr, "train/tau": tau,
-                             "train/img_per_s": images_per_s, **stats}, self.step)
+                             "train/img_per_s": w["images_per_s"], "train/data_wait": w["data_wait"],
+                             "train/eta_s": eta_s, **stats}, self.step)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,3 +50,22 @@ def test_pretrain_with_gpu_pipeline(tmp_path, capsys):
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "cuda" in out and "step 4/" in out
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_steps_between_log_points_never_sync(precision):
+    """Steps (finite, skipped, accumulated) queue on the GPU without the host waiting for any of them:
+    CUDA's sync debug mode turns every synchronising call into an error."""
+    torch.manual_seed(0)
+    learner = Learner(load_config(None, TINY + [f"--precision={precision}"]), torch.device("cuda"), DistInfo())
+    views = (torch.randn(8, 3, 64, 64, device="cuda"), torch.randn(8, 3, 64, 64, device="cuda"))
+    bad = (torch.full_like(views[0], float("nan")), views[1])
+    learner.step([views], lr=0.1, tau=0.99)  # warm-up: buffers, cuDNN plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for batches in ([views], [bad], [views, views]):
+            learner.step(batches, lr=0.05, tau=0.995)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert learner.read_skips() == (0, 1, 1)

@@ -39,9 +39,13 @@ def test_nonfinite_step_is_skipped_and_counted():
     state_a = after["optimizer"]["state"]
     assert state_b and state_b.keys() == state_a.keys()
     assert all(torch.equal(state_b[k]["momentum_buffer"], state_a[k]["momentum_buffer"]) for k in state_b)
-    assert learner.skipped_in_row == 1 and learner.skipped_total == 1
+    assert not learner.ok and learner.skipped_total == 1
+    learner.step([bad], lr=0.1, tau=0.9)
     learner.step([views], lr=0.1, tau=0.9)
-    assert learner.skipped_in_row == 0 and learner.skipped_total == 1
+    assert learner.ok and learner.skipped_total == 2
+    assert learner.read_skips() == (0, 2, 2)  # none in a row now, 2 since the last read, longest run 2
+    learner.step([bad], lr=0.1, tau=0.9)
+    assert learner.read_skips() == (1, 1, 1)  # the longest run restarts at each read
 
 
 def test_finite_step_moves_online_and_target():
@@ -54,3 +58,24 @@ def test_finite_step_moves_online_and_target():
     # target = 0.5 * old target + 0.5 * new online (old target == old online at start)
     expected = 0.5 * before["target"][w] + 0.5 * after["online"][w]
     assert torch.allclose(after["target"][w], expected, atol=1e-6)
+
+
+def forbid_host_reads(monkeypatch):
+    """Every way a tensor's value reaches Python raises: what a host sync would be on a GPU."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a tensor was read on the host inside a training step")
+
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+def test_steps_between_log_points_never_read_a_tensor(monkeypatch):
+    learner = make()
+    views = (torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32))
+    bad = (torch.full((4, 3, 32, 32), float("nan")), views[1])
+    learner.step([views], lr=0.1, tau=0.9)  # buffers exist: the first step is like every other
+    with monkeypatch.context() as m:
+        forbid_host_reads(m)
+        for batches in ([views], [bad], [views, views], [bad, views]):  # finite, skipped, accumulated
+            learner.step(batches, lr=0.05, tau=0.99)
+    assert learner.read_skips() == (1, 2, 1)  # the last step was skipped; two in all

@@ -52,17 +52,20 @@ def assert_same_weights(a: dict, b: dict) -> None:
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def kill_when(proc: subprocess.Popen, marker: str, pid_of=lambda line: None, sig=signal.SIGKILL) -> str:
-    """Read the run's output until ``marker`` appears, then send ``sig`` (kill -9) to the training process."""
-    seen, pid = [], proc.pid
+def kill_when(proc: subprocess.Popen, marker: str | tuple[str, ...], pid_of=lambda line: None,
+              sig=signal.SIGKILL) -> str:
+    """Read the run's output until ``marker`` (every one of several) has appeared, then send ``sig``
+    (kill -9) to the training process."""
+    seen, pid, waiting = [], proc.pid, {marker} if isinstance(marker, str) else set(marker)
     for line in proc.stdout:
         seen.append(line)
         pid = pid_of(line) or pid
-        if marker in line:
+        waiting = {m for m in waiting if m not in line}
+        if not waiting:
             os.kill(pid, sig)
             break
     else:
-        raise AssertionError(f"{marker!r} never appeared:\n{''.join(seen)[-3000:]}")
+        raise AssertionError(f"{waiting} never appeared:\n{''.join(seen)[-3000:]}")
     return "".join(seen)
 
 
@@ -79,7 +82,8 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(images, killed, loader=loader), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    printed = kill_when(proc, "step 5/8")  # mid-epoch 3: the checkpoint of step 4 is the last complete one
+    # Mid-epoch 3, once the checkpoint of step 4 (written in the background) is on disk.
+    printed = kill_when(proc, ("last.pt at step 4", "step 5/8"))
     assert proc.wait(timeout=60) == -signal.SIGKILL
     assert torch.load(killed / "last.pt", weights_only=True)["step"] == 4, printed[-2000:]
     # A write cut short by the kill leaves only a temporary file, which resume ignores and removes.
@@ -91,6 +95,38 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
     assert res.returncode == 0, res.stderr[-3000:]
     assert "at step 4" in res.stdout and not torn.exists()
     assert_same_weights(uninterrupted(loader), weights(killed / "last.pt"))
+
+
+# A training run whose second checkpoint write (the end of epoch 2, step 4) is cut short by kill -9
+# once part of the file is on disk: the background writer's thread dies with the process mid-write.
+KILLED_MID_WRITE = """
+import os, signal, sys
+from byol_fast import checkpoint, train
+writes, real = [], checkpoint._write_file
+def cut_short(obj, f):
+    writes.append(1)
+    if len(writes) == 2:
+        f.write(b"PK\\x03\\x04 the first bytes of a checkpoint")
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(obj, f)
+checkpoint._write_file = cut_short
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_during_a_background_checkpoint_write_keeps_the_previous_one(images, tmp_path, uninterrupted):
+    out = tmp_path / "killed_mid_write"
+    cmd = train_cmd(images, out)
+    res = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, *cmd[3:]], env=CHILD_ENV, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL, res.stdout[-3000:] + res.stderr[-3000:]
+    assert torch.load(out / "last.pt", weights_only=True)["step"] == 2  # the write of step 4 never landed
+    assert [p.name for p in out.glob(".last.pt.*.tmp")], "the torn write left no temporary file"
+    res = subprocess.run(cmd, env=CHILD_ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "at step 2" in res.stdout and not list(out.glob(".last.pt.*.tmp"))
+    assert_same_weights(uninterrupted("dali"), weights(out / "last.pt"))
 
 
 @pytest.mark.parametrize("sig, loader", [(signal.SIGTERM, "dali"), (signal.SIGUSR1, "torchvision")])

@@ -118,3 +118,28 @@ def test_online_probe_needs_class_folders(tmp_path, capsys):
     assert run(TINY + [f"--data.path={flat}", f"--out_dir={tmp_path / 'o'}", "--optim.batch_size=4",
                        "--monitor.probe=true"]) == 2
     assert "monitor.probe" in capsys.readouterr().err
+
+
+def test_diverged_run_stops_at_a_check_and_its_checkpoints_hold_the_weights_from_before(images, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """NaN inputs make every step non-finite: each is skipped (counted on the device, weights untouched),
+    and the first check (log point or save) after max_nonfinite_steps in a row ends the run with a
+    one-line error. 2 steps per epoch here: checks at steps 4 (2 in a row) and 6 (4 in a row)."""
+    out = tmp_path / "run"
+    args = TINY + [f"--data.path={images}", f"--out_dir={out}", "--optim.batch_size=8"]
+    assert run(args + ["--max_steps=2"]) == 0
+    saved = torch.load(out / "last.pt", weights_only=True)
+    capsys.readouterr()
+
+    original = train.Learner.step
+    monkeypatch.setattr(train.Learner, "step", lambda self, micro, lr, tau: original(
+        self, [(v1 * float("nan"), v2) for v1, v2 in micro], lr, tau))
+    assert run(args + ["--max_steps=8", "--max_nonfinite_steps=3", "--log_every=10"]) == 2
+    captured = capsys.readouterr()
+    assert "step 4: 2 step(s) with non-finite loss or gradients skipped" in captured.out
+    assert "training diverged" in captured.err and "4 non-finite steps in a row before step 6" in captured.err
+    after = torch.load(out / "last.pt", weights_only=True)
+    assert after["step"] == 4  # saved at the end of epoch 1, when 2 in a row were still allowed
+    for part in ("online", "target", "predictor"):
+        for k, v in saved[part].items():
+            assert torch.equal(after[part][k], v), (part, k)
