@@ -1,4 +1,5 @@
 """Images per second, stage by stage: ``python benchmarks/throughput.py [--quick] [--json PATH] [--plot PATH]``.
+The GPU suite (``bash benchmarks/gpu_checks.sh``) runs it once with every variant it measures.
 
 What it measures, in one process, side by side on the same files and the same cores:
 
@@ -17,6 +18,9 @@ What it measures, in one process, side by side on the same files and the same co
    (:class:`byol_fast.classifier.LinearClassifier`: frozen encoder forward, linear layer
    forward/backward, SGD) on synthetic device tensors, and fed by linear evaluation's training
    loader (DALI: random resized crop + flip).
+5. ``checkpoint``: the training-loop pause of a checkpoint on the BYOL learner's state, measured by
+   ``benchmarks/checkpoint_pause.py``'s ``measure(state, directory, repeats)`` (imported only when the
+   stage runs; if it is missing or fails, the stage records why and the others go on).
 
 Method: each stage runs warm-up steps (pipeline build, worker start, cuDNN/compile warm-up), then
 times ``--windows`` windows of a fixed number of steps, chosen from a calibration so a window
@@ -24,20 +28,37 @@ lasts about ``--window-seconds``; on a GPU each window ends with ``torch.cuda.sy
 A figure is the median over the windows, with their min and max. One image is one source image
 (both of its views), the unit of the 8x V100 target (byol_fast/REFERENCE.md section 2).
 
-Data wait: on a GPU, CUDA events bracket each training step on its stream; the wait fraction
-is ``1 - (sum of step spans) / window time``, the share of the time the training stream had no step
-to run (loading, host-to-device copy). On the CPU, where everything is synchronous, it is the
-share of the time spent fetching and moving the batch.
+Data wait (``data_wait_fraction`` of each end-to-end stage): on a GPU, CUDA events bracket each
+training step on its stream; the wait fraction is ``1 - (sum of step spans) / window time``, the
+share of the time the training stream had no step to run (loading, host-to-device copy; with it
+``host_fetch_fraction``, the host's share of the window inside the loader). On the CPU, where
+everything is synchronous, it is the share of the time spent fetching and moving the batch.
 
 Data: ImageNet-like JPEGs made by ``benchmarks/imagenet_like.py`` into ``bench_data/`` (ignored by
 git), or ``--data`` (a folder or a byol_fast index file). Files are read through the page cache:
 the figures exclude storage speed.
 
+Stage variants: ``--stages`` takes ``NAME[:key=value...]`` entries, so one process can measure
+settings side by side (``model,model:batch=512,model:compile=default,dali:hw=1.0,e2e-dali:step=best``):
+``batch=N``, ``compile=off|MODE`` (a ``compile_mode`` of the config), ``hw=F`` (hardware-decoder load),
+``threads=N``, ``prefetch=N``, ``windows=N``, ``window_seconds=S``, ``warmup=N``, ``timeout=S|rest``
+(the stage's time box) and, for an end-to-end stage, ``step=best``: the training step of the fastest
+``model`` variant measured before it (its batch and compile mode; the very same compiled learner
+when it is still warm). ``--time-budget S`` bounds the whole run: each stage's box is cut so that
+the stages after it keep a share; a stage with no time left is skipped and says so.
+
 Any extra ``--section.key=value`` argument is a config override, as for ``byol_fast.train``
-(e.g. ``--data.interp=linear``, ``--reader.prefetch=3``). A stage that fails prints its error; the
-others still run and the figure is null in the JSON.
+(e.g. ``--data.interp=linear``, ``--reader.prefetch=3``). A stage that fails, runs out of GPU
+memory or out of time prints why; the others still run and the figure is null in the JSON, which
+is rewritten after every stage (so a run killed from outside keeps what it measured).
 """
 from __future__ import annotations
+
+import time
+
+# The process's start, before torch's import: --time-budget counts from here, as the outer timeout
+# of benchmarks/gpu_checks.sh does, so that the stages' own time boxes always end first.
+T_START = time.monotonic()
 
 import argparse
 import dataclasses
@@ -46,11 +67,14 @@ import json
 import math
 import os
 import platform
+import shutil
+import signal
 import statistics
 import sys
+import tempfile
 import threading
-import time
 import traceback
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -81,8 +105,9 @@ TARGET_LINEAR_8GPU = 5408.0
 PEERS = {"BYOL 1x V100 AMP (anchor)": 450.0, "BYOL 1x A100 AMP (anchor)": 926.0,
          "BYOL 8x V100 AMP (target)": TARGET_BYOL_8XV100}
 
-STAGES = ("dali", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear")
+STAGES = ("dali", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear", "checkpoint")
 LINEAR_STAGES = ("linear", "e2e-linear")
+OPT_IN_STAGES = LINEAR_STAGES + ("checkpoint",)  # not in the default list
 LABELS = {
     "dali": "DALI two-view loader",
     "torchvision": "torchvision/PIL loader",
@@ -91,7 +116,9 @@ LABELS = {
     "e2e-torchvision": "end to end, torchvision",
     "linear": "linear eval step (synthetic)",
     "e2e-linear": "linear eval end to end, DALI",
+    "checkpoint": "checkpoint pause (BYOL learner state)",
 }
+BYOL_STEP_STAGES = ("model", "e2e-dali", "e2e-torchvision")  # the stages that run Learner.step
 TABLE_BEGIN = "## Throughput (img/s; one image = both views)"
 RATIOS_BEGIN = "## Ratios"
 
@@ -108,8 +135,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python benchmarks/throughput.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a run of about a minute: fewer images, windows and seconds")
-    p.add_argument("--stages", default="", help=f"comma-separated subset of {','.join(STAGES)} "
-                   "(default: all but linear)")
+    p.add_argument("--stages", default="", help=f"comma-separated NAME[:key=value...] entries, NAME one of "
+                   f"{','.join(STAGES)} (default: all but linear and checkpoint; variants: see above)")
     p.add_argument("--linear", action="store_true", help="also measure linear evaluation (synthetic and end to end)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--config", help="YAML recipe to start from (config/*.yaml); the options below override it")
@@ -118,6 +145,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--batch", type=int, help="images per step (default: 256 on GPU, 32 on CPU)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="default: the config's (auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (config: compile)")
+    p.add_argument("--compile-mode", help="torch.compile mode (config: compile_mode: default | reduce-overhead | "
+                   "max-autotune | max-autotune-no-cudagraphs); implies --compile")
     p.add_argument("--no-channels-last", action="store_true", help="NCHW memory format instead of channels_last")
     p.add_argument("--cudnn-benchmark", action="store_true", help="torch.backends.cudnn.benchmark = True")
     p.add_argument("--threads", type=int, help="DALI threads = DataLoader workers (config: reader.num_threads; "
@@ -135,6 +164,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--windows", type=int, help="timed windows per stage (default 5; 3 with --quick)")
     p.add_argument("--window-seconds", type=float, help="target length of a window (default 3; 1 with --quick)")
     p.add_argument("--warmup", type=int, help="untimed steps per stage (default 3; 10 with --compile)")
+    p.add_argument("--time-budget", type=float, help="seconds for the whole run: every stage is time-boxed "
+                   "within it (default: no limit)")
+    p.add_argument("--stage-timeout", type=float, help="time box of a stage without its own timeout= (default: none)")
+    p.add_argument("--stage-reserve", type=float, default=20.0, help="with --time-budget: seconds kept for each "
+                   "later stage while one runs (default 20)")
+    p.add_argument("--checkpoint-repeats", type=int, default=3, help="saves timed by the checkpoint stage")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure and setting here")
     p.add_argument("--plot", help="write a PNG bar chart here")
@@ -145,12 +180,13 @@ def resolve(args: argparse.Namespace) -> dict:
     """Every setting the run uses, defaults filled in by device type."""
     cuda = resolve_device(args.device).type == "cuda"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] or [s for s in STAGES if s not in LINEAR_STAGES]
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] or [s for s in STAGES if s not in OPT_IN_STAGES]
     if args.linear:
         stages += [s for s in LINEAR_STAGES if s not in stages]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"--stages: unknown stage {unknown[0]!r} (choose from {', '.join(STAGES)})")
+    for key in stages:
+        parse_stage(key)  # every entry checked before any work
+    if len(set(stages)) < len(stages):
+        raise ConfigError(f"--stages: {next(k for k in stages if stages.count(k) > 1)!r} is given twice")
     quick = args.quick
     return {
         "device": "cuda" if cuda else "cpu",
@@ -165,11 +201,104 @@ def resolve(args: argparse.Namespace) -> dict:
         "num_images": args.num_images or ((1000 if quick else 4000) if cuda else (256 if quick else 1000)),
         "windows": args.windows or (3 if quick else 5),
         "window_seconds": args.window_seconds or (1.0 if quick else 3.0),
-        "warmup": args.warmup if args.warmup is not None else (10 if args.compile else 3),
+        "warmup": args.warmup if args.warmup is not None else (10 if args.compile or args.compile_mode else 3),
+        "warmup_given": args.warmup is not None,  # else a compiled stage variant warms up for 10 steps
+        "time_budget": args.time_budget,
+        "stage_timeout": args.stage_timeout,
+        "stage_reserve": args.stage_reserve,
+        "checkpoint_repeats": args.checkpoint_repeats,
         "cudnn_benchmark": args.cudnn_benchmark,
         "quick": quick,
         "seed": args.seed,
     }
+
+
+# ---------------------------------------------------------------------------- stage variants
+
+
+def _int(lo: int):
+    def conv(v: str) -> int:
+        n = int(v)
+        if n < lo:
+            raise ValueError(f"must be >= {lo}")
+        return n
+    return conv
+
+
+def _float_in(lo: float, hi: float, open_lo: bool = False):
+    def conv(v: str) -> float:
+        x = float(v)
+        if not (lo < x if open_lo else lo <= x) or x > hi:
+            raise ValueError(f"must be in {'(' if open_lo else '['}{lo}, {hi}]")
+        return x
+    return conv
+
+
+def _timeout(v: str):
+    return "rest" if v == "rest" else _float_in(0.0, 1e9, open_lo=True)(v)
+
+
+def _compile(v: str):
+    return False if v in ("off", "false", "eager") else v  # a mode name, checked by the config
+
+
+def _step(v: str):
+    if v != "best":
+        raise ValueError("only 'best' (the fastest model variant measured before this stage)")
+    return v
+
+
+LOADER_STAGES = ("dali", "torchvision", "e2e-dali", "e2e-torchvision", "e2e-linear")
+DALI_STAGES = ("dali", "e2e-dali", "e2e-linear")
+# key -> (converter, stages it applies to): an option a stage would ignore is refused, not silently dropped.
+STAGE_OPTIONS = {
+    "batch": (_int(1), STAGES),
+    "compile": (_compile, BYOL_STEP_STAGES),
+    "step": (_step, ("e2e-dali", "e2e-torchvision")),
+    "hw": (_float_in(0.0, 1.0), DALI_STAGES),
+    "threads": (_int(1), LOADER_STAGES),
+    "prefetch": (_int(1), DALI_STAGES),
+    "windows": (_int(1), STAGES),
+    "window_seconds": (_float_in(0.0, 1e6, open_lo=True), STAGES),
+    "warmup": (_int(0), STAGES),
+    "timeout": (_timeout, STAGES),
+}
+
+
+def parse_stage(key: str) -> tuple[str, dict]:
+    """``'model:batch=384:compile=default'`` -> ``('model', {'batch': 384, 'compile': 'default'})``."""
+    name, *pairs = key.split(":")
+    if name not in STAGES:
+        raise ConfigError(f"--stages: unknown stage {name!r} (choose from {', '.join(STAGES)})")
+    opts: dict = {}
+    for pair in pairs:
+        k, sep, v = pair.partition("=")
+        if not sep or k not in STAGE_OPTIONS:
+            raise ConfigError(f"--stages: {key!r}: {pair!r} is not key=value with a key of {', '.join(STAGE_OPTIONS)}")
+        conv, applies = STAGE_OPTIONS[k]
+        if name not in applies:
+            raise ConfigError(f"--stages: {key!r}: {k}= does not apply to the {name} stage")
+        try:
+            opts[k] = conv(v)
+        except ValueError as e:
+            raise ConfigError(f"--stages: {key!r}: {k}={v!r}: {e}") from None
+    return name, opts
+
+
+def stage_overrides(opts: dict) -> dict:
+    """The config overrides of a stage's options (the rest are measurement settings)."""
+    over: dict = {}
+    if "batch" in opts:
+        over["optim"] = {"batch_size": opts["batch"]}
+    if "compile" in opts:
+        over["compile"] = opts["compile"] is not False
+        if opts["compile"]:
+            over["compile_mode"] = opts["compile"]
+    reader = {dst: opts[src] for src, dst in (("hw", "hw_decoder_load"), ("threads", "num_threads"),
+                                               ("prefetch", "prefetch")) if src in opts}
+    if reader:
+        over["reader"] = reader
+    return over
 
 
 def blur_kernel_for(size: int) -> int:
@@ -177,10 +306,11 @@ def blur_kernel_for(size: int) -> int:
     return 23 if size == 224 else max(3, round(size / 10) | 1)
 
 
-def build_config(args: argparse.Namespace, s: dict, extra: list[str]):
-    """The byol_fast Config every stage runs: recipe <- benchmark settings <- extra overrides. How
-    images are read (threads, decode, prefetch, hardware decoder) lives in its ``reader`` section,
-    which every loader, the linear one included, takes whole."""
+def build_config(args: argparse.Namespace, s: dict, extra: list[str], stage: dict | None = None):
+    """The byol_fast Config a stage runs: recipe <- benchmark settings <- extra overrides <- the stage
+    variant's overrides (``stage``, from :func:`stage_overrides`), checked by the config's own rules.
+    How images are read (threads, decode, prefetch, hardware decoder) lives in its ``reader``
+    section, which every loader, the linear one included, takes whole."""
     reader = {"num_threads": s["threads"], "decode": s["decode"], "prefetch": args.prefetch,
               "hw_decoder_load": args.hw_decoder_load}
     over: dict = {"device": s["device"], "seed": s["seed"],
@@ -193,11 +323,13 @@ def build_config(args: argparse.Namespace, s: dict, extra: list[str]):
         over["data"].update(view1={"blur_kernel": k}, view2={"blur_kernel": k})
     if args.precision:
         over["precision"] = args.precision
-    if args.compile:
+    if args.compile or args.compile_mode:
         over["compile"] = True
+    if args.compile_mode:
+        over["compile_mode"] = args.compile_mode
     if args.no_channels_last:
         over["channels_last"] = False
-    return load_config(args.config, merge(over, parse_overrides(extra)))
+    return load_config(args.config, merge(merge(over, parse_overrides(extra)), stage or {}))
 
 
 def environment(device: torch.device) -> dict:
@@ -309,38 +441,72 @@ def measure(step, images_per_step: int, sync, s: dict, label: str, on_window=Non
     ``rounds``: a DataLoader with N workers delivers batches in bursts of N (each worker builds
     a whole batch), so warm-up and calibration take a whole round of N steps and every window
     a whole number of rounds; otherwise a window would time batches prefetched before it began.
+
+    ``s['deadline']`` (time.monotonic(), optional): the stage's time box. Windows are shortened so
+    that all of them fit before it, and a window that would end after it is not started once one
+    has been timed (``windows_cut_short``): a figure from fewer windows beats no figure.
     """
     warmup = s["warmup"] + (rounds if rounds > 1 else 0)
     log(f"  warm-up: {warmup} steps")
-    for _ in range(warmup):
+    t = time.perf_counter()
+    first = None
+    for i in range(warmup):
         step()
+        if i == 0:  # the first step builds what is lazy (cuDNN plans, torch.compile's graphs): its own figure
+            sync()
+            first = time.perf_counter() - t
     sync()
+    warmup_seconds = time.perf_counter() - t
+    if on_window:
+        on_window(None)  # reset the counters the warm-up filled
     t = time.perf_counter()
     calib = max(2, rounds)
     for _ in range(calib):
         step()
     sync()
-    per_step = (time.perf_counter() - t) / calib
-    steps = max(3, math.ceil(s["window_seconds"] / max(per_step, 1e-6)))
+    calib_seconds = time.perf_counter() - t
+    per_step = calib_seconds / calib
+    windows, window_seconds = s["windows"], s["window_seconds"]
+    deadline = s.get("deadline")
+    steps = max(3, math.ceil(window_seconds / max(per_step, 1e-6)))
     steps = rounds * math.ceil(steps / rounds)
-    log(f"  {per_step * 1e3:.1f} ms/step after warm-up: {s['windows']} windows of {steps} steps")
-    rates, extras = [], {}
-    if on_window:
+    rates, extras, cut = [], {}, False
+    if deadline:  # shrink the windows (not their number) to what is left of the box, with a margin
+        left = 0.9 * (deadline - time.monotonic()) - 1.0
+        window_seconds = max(min(window_seconds, left / windows), 0.0)
+        steps = rounds * math.ceil(max(3, math.ceil(window_seconds / max(per_step, 1e-6))) / rounds)
+        if steps * per_step > left:
+            # Not even one window fits: the calibration steps, timed like a window, are the figure
+            # (one short window, flagged) rather than a stage that times out with none.
+            log(f"  [{label}] no time left for a window: the {calib} calibration steps are the figure")
+            rates.append(calib * images_per_step / calib_seconds)
+            more = on_window(calib_seconds) if on_window else {}
+            for k, v in more.items():
+                extras.setdefault(k, []).append(v)
+            windows, steps, cut = 0, calib, True
+    log(f"  {per_step * 1e3:.1f} ms/step after warm-up ({warmup_seconds:.1f} s): {windows} windows of {steps} steps")
+    if on_window and windows:
         on_window(None)  # reset the counters the calibration steps filled
-    for w in range(s["windows"]):
+    for w in range(windows):
+        if deadline and rates and time.monotonic() + steps * per_step > deadline:
+            log(f"  [{label}] {len(rates)} of {windows} windows: the stage's time box ends before another")
+            cut = True
+            break
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
         sync()  # host sync: the window's work is finished before the clock stops
         dt = time.perf_counter() - t0
+        per_step = dt / steps
         rates.append(steps * images_per_step / dt)
         more = on_window(dt) if on_window else {}
         for k, v in more.items():
             extras.setdefault(k, []).append(v)
         note = "".join(f", {k} {v:.3f}" for k, v in more.items())
-        log(f"  [{label}] window {w + 1}/{s['windows']}: {rates[-1]:.1f} img/s{note}")
-    out = {"img_per_s": summary(rates), "steps_per_window": steps, "warmup_steps": s["warmup"],
-           "step_ms": 1e3 * images_per_step / statistics.median(rates)}
+        log(f"  [{label}] window {w + 1}/{windows}: {rates[-1]:.1f} img/s{note}")
+    out = {"img_per_s": summary(rates), "steps_per_window": steps, "warmup_steps": warmup,
+           "warmup_seconds": warmup_seconds, "first_step_seconds": first,
+           "step_ms": 1e3 * images_per_step / statistics.median(rates), "windows_cut_short": cut}
     for k, v in extras.items():
         out[k] = statistics.median(v)
         out[k + "_windows"] = v
@@ -378,13 +544,19 @@ class DataWait:
         if seconds is None:
             self.reset()
             return {}
+        clamp = lambda x: min(1.0, max(0.0, x))  # noqa: E731
+        out = {}
         if self.cuda:  # the events are complete: the window ended with a synchronize
             busy = sum(a.elapsed_time(b) for a, b in self.events) / 1e3
             wait = 1.0 - busy / seconds
+            # The host's view beside the GPU's: the share of the window spent in next(loader) and the
+            # copy. Not itself a wait of the GPU: the host queues steps ahead of it (Learner.step has
+            # no host sync), so this time overlaps GPU work until the queue runs dry.
+            out["host_fetch_fraction"] = clamp(self.host_wait / seconds)
         else:
             wait = self.host_wait / seconds
         self.reset()
-        return {"data_wait_fraction": min(1.0, max(0.0, wait))}
+        return {"data_wait_fraction": clamp(wait), **out}
 
 
 # ---------------------------------------------------------------------------- stages
@@ -457,19 +629,88 @@ def new_learner(cfg, device):
     return learner, scaled_lr(cfg.optim.lr, cfg.optim.batch_size), cfg.ema.tau_base
 
 
-def stage_model(data, cfg, device, s) -> dict:
+def step_signature(cfg, precision: str) -> dict:
+    """What makes two BYOL steps the same step: an end-to-end figure is compared with the step alone
+    of the same signature (model stage), never with another batch or compile mode."""
+    return {"backbone": cfg.model.backbone, "image_size": cfg.data.image_size, "batch": cfg.optim.batch_size,
+            "compile": getattr(cfg, "compile_mode", "default") if cfg.compile else False, "precision": precision}
+
+
+def _precision(learner) -> str:
+    return str(learner.amp_dtype).replace("torch.", "")
+
+
+def fresh_compile(data: dict) -> None:
+    """Before a compiled learner is built: forget torch.compile's graphs, so that its warm-up time is
+    its own compile time and earlier stages' graphs do not fill dynamo's recompile limit (past it,
+    dynamo runs the model eagerly without failing, and the 'compiled' figure would be eager's).
+    A kept compiled learner would have to compile again: it is let go."""
+    torch._dynamo.reset()
+    _dynamo_counters().clear()
+    if data.get("kept") and data["kept"][1].cfg.compile:
+        data["kept"] = None
+
+
+def _dynamo_counters():
+    from torch._dynamo.utils import counters  # internal but stable since torch 2.0; figures for the record only
+
+    return counters
+
+
+def dynamo_figures(cfg) -> dict:
+    """Graph breaks and graphs of a compiled stage (a break or an unexpected recompile costs speed)."""
+    if not cfg.compile:
+        return {}
+    try:
+        c = _dynamo_counters()
+        return {"dynamo_graph_breaks": sum(c["graph_break"].values()),
+                "dynamo_unique_graphs": c["stats"].get("unique_graphs", 0)}
+    except Exception:  # noqa: BLE001  a label, never a reason to lose the stage
+        return {}
+
+
+def keep_if_fastest(data: dict, key: str, learner, rate: float) -> None:
+    """Keep the fastest model stage's learner warm for ``step=best`` end-to-end stages: with
+    torch.compile they then time the very same compiled step, without compiling it again. One
+    learner at most (its weights and LARS state, about 0.4 GB for ResNet-50), so that the memory
+    figures and OOM probes of later stages are not distorted by a collection of them."""
+    kept = data.get("kept")
+    if kept is None or rate > kept[2]:
+        data["kept"] = (key, learner, rate)
+
+
+def stage_model(data, cfg, device, s, key) -> dict:
+    if cfg.compile:
+        fresh_compile(data)
     learner, lr, tau = new_learner(cfg, device)
     view1, view2 = synthetic_views(cfg, device, cfg.optim.batch_size)
-    out = measure(lambda: learner.step([(view1, view2)], lr, tau), cfg.optim.batch_size, device_sync(device), s, "model")
-    return {**out, "precision": str(learner.amp_dtype).replace("torch.", "")}
+    out = measure(lambda: learner.step([(view1, view2)], lr, tau), cfg.optim.batch_size, device_sync(device), s, key)
+    keep_if_fastest(data, key, learner, out["img_per_s"]["median"])
+    # skipped_steps: a step whose loss is not finite skips LARS and EMA and is cheaper; on synthetic
+    # views this should stay 0, else the figure flatters the step.
+    return {**out, "precision": _precision(learner), "step": step_signature(cfg, _precision(learner)),
+            "skipped_steps": learner.skipped_total, **dynamo_figures(cfg)}
 
 
-def stage_e2e(kind: str, data, cfg, device, s) -> dict:
-    learner, lr, tau = new_learner(cfg, device)
-    return measure_fed(pretrain_loader(kind, data, cfg, device),
-                       lambda views: tuple(to_device(v, device, cfg.channels_last) for v in views),
-                       lambda views: learner.step([views], lr, tau), cfg, device, s, f"e2e-{kind}",
-                       rounds=worker_rounds(kind, cfg))
+def stage_e2e(kind: str, data, cfg, device, s, key, best: str | None = None) -> dict:
+    """Loader -> device -> BYOL step. ``best``: the model stage whose step this one runs (``step=best``);
+    its learner is reused when it is the one kept warm."""
+    kept = data.get("kept")
+    if best and kept and kept[0] == best:
+        learner, reused = kept[1], True
+        lr, tau = scaled_lr(cfg.optim.lr, cfg.optim.batch_size), cfg.ema.tau_base
+    else:
+        if cfg.compile:
+            fresh_compile(data)
+        (learner, lr, tau), reused = new_learner(cfg, device), False
+    out = measure_fed(pretrain_loader(kind, data, cfg, device),
+                      lambda views: tuple(to_device(v, device, cfg.channels_last) for v in views),
+                      lambda views: learner.step([views], lr, tau), cfg, device, s, key,
+                      rounds=worker_rounds(kind, cfg))
+    return {**out, "precision": _precision(learner), "step": step_signature(cfg, _precision(learner)),
+            "step_stage": best, "step_learner_reused": reused,
+            "skipped_steps": learner.skipped_total,  # a reused learner's: since it was built
+            **dynamo_figures(cfg)}
 
 
 def new_classifier(cfg, device, num_classes: int):
@@ -505,36 +746,199 @@ def stage_e2e_linear(data, cfg, device, s) -> dict:
                        lambda b: clf.step(clf.encode(b[0]), b[1], lr), cfg, device, s, "e2e-linear")
 
 
-def run_stage(name: str, data: dict, cfg, device, s) -> dict:
-    """One stage with its peak memory; an error is recorded, printed and does not stop the run."""
-    log(f"\n== stage {name}: {LABELS[name]}")
+def _json_safe(x):
+    """A measurement's return value as JSON: numbers, strings, lists and dicts; tensors as numbers."""
+    if isinstance(x, dict):
+        return {str(k): _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, torch.Tensor) and x.numel() == 1:
+        return x.item()
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    return str(x)
+
+
+def _state_bytes(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_bytes(v) for v in state)
+    return 0
+
+
+def stage_checkpoint(data, cfg, device, s) -> dict:
+    """The pause a checkpoint costs the training loop, on the BYOL learner's state (byol_fast.learner:
+    online and target networks, predictor, LARS, scaler) at the config's backbone, measured by
+    ``benchmarks/checkpoint_pause.py`` (``measure(state, directory, repeats) -> dict``; its keys are
+    recorded as they come). Imported here, not at the top: the other stages must run without it."""
+    try:
+        import checkpoint_pause
+    except ImportError as e:
+        raise StageUnavailable(f"benchmarks/checkpoint_pause.py is not importable ({e})") from None
+    cfg = dataclasses.replace(cfg, compile=False)  # the state's size matters here, not the step's speed
+    learner, lr, tau = new_learner(cfg, device)
+    # One step first: LARS's momentum buffers exist only after it, and every real checkpoint holds them.
+    learner.step([synthetic_views(cfg, device, min(cfg.optim.batch_size, 32))], lr, tau)
+    device_sync(device)()
+    state = learner.state_dict()
+    scratch = Path(data["scratch"])
+    scratch.mkdir(parents=True, exist_ok=True)
+    # On the benchmark's disk (bench_data/, as a run's out_dir would be), not /tmp, which may be RAM.
+    directory = Path(tempfile.mkdtemp(prefix="checkpoint_pause_", dir=scratch))
+    t = time.perf_counter()
+    try:
+        figures = checkpoint_pause.measure(state, directory, s["checkpoint_repeats"])
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    log(f"  [checkpoint] {figures}")
+    return {"img_per_s": None, "checkpoint": _json_safe(figures), "repeats": s["checkpoint_repeats"],
+            "state_gb": _state_bytes(state) / 2**30, "measure_seconds": time.perf_counter() - t}
+
+
+# ---------------------------------------------------------------------------- time boxes
+
+
+class StageUnavailable(RuntimeError):
+    """A stage that cannot run here, for a reason its message says in full (no traceback printed)."""
+
+
+class StageTimeout(BaseException):
+    """Raised in the main thread when a stage's time box ends. A BaseException, as KeyboardInterrupt
+    is, so that library code catching Exception (torch.compile wraps its backends' errors) lets it
+    through; where it is wrapped all the same, the box's ``fired`` flag still tells."""
+
+
+@contextmanager
+def alarm(seconds: float | None, box: dict):
+    """Raise StageTimeout in the main thread after ``seconds`` (SIGALRM). Between Python bytecodes,
+    so it ends a stage stuck in Python (a long torch.compile, a loader loop), not one inside a single
+    C call that never returns: gpu_checks.sh's outer ``timeout`` is there for that."""
+    if not seconds or not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield box
+        return
+
+    def ring(signum, frame):
+        box["fired"] = True
+        # Again in a second, and every second after: the signal may land in a weakref callback or a
+        # __del__, where Python prints the exception and carries on ("Exception ignored in ...").
+        signal.setitimer(signal.ITIMER_REAL, 1.0)
+        raise StageTimeout(seconds)
+
+    previous = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield box
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+MIN_STAGE_SECONDS = 5.0  # less than this left: the stage is skipped rather than started
+
+
+def time_box(run: dict, key: str) -> float | None:
+    """Seconds stage ``key`` may run: its ``timeout=`` (else ``--stage-timeout``), cut, when the run
+    has a ``--time-budget``, to what the budget leaves after reserving ``--stage-reserve`` seconds
+    (or their own box, if smaller) for each stage after it; ``timeout=rest`` takes all that is left
+    and reserves nothing. None: no limit."""
+    s = run["settings"]
+    own = lambda k: parse_stage(k)[1].get("timeout", s["stage_timeout"])  # noqa: E731
+    mine = own(key)
+    if s["time_budget"] is None:
+        return None if mine in (None, "rest") else mine
+    later = s["stages"][s["stages"].index(key) + 1:]
+    reserve = sum(0.0 if own(k) == "rest" else min(s["stage_reserve"], own(k) or s["stage_reserve"]) for k in later)
+    left = run["budget_end"] - time.monotonic() - reserve
+    return left if mine in (None, "rest") else min(mine, left)
+
+
+def _is_oom(e: BaseException) -> bool:
+    """A CUDA out-of-memory error, also when torch.compile or a loader wrapped it."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower():
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+# ---------------------------------------------------------------------------- one stage
+
+
+def run_stage(key: str, run: dict, device) -> dict:
+    """One stage, time-boxed, with its peak memory. Whatever happens (an error, CUDA out of memory,
+    the time box) is recorded as the stage's status and error and printed; the next stage runs."""
+    name, opts = parse_stage(key)
+    s = run["settings"]
+    log(f"\n== stage {key}: {LABELS[name]}")
+    best = None
+    if opts.get("step") == "best":  # the fastest model variant so far: its batch and compile mode
+        best = best_stage(run["stages"], "model")
+        if best:
+            opts = {**{k: v for k, v in parse_stage(best)[1].items() if k in ("batch", "compile")}, **opts}
+            log(f"  the step of {best}, the fastest model stage measured")
+        else:
+            log("  no model stage measured: the config's step")
+    base = {"label": LABELS[name], "stage": name, "options": {k: v for k, v in opts.items()}, "step_stage": best}
+    limit = time_box(run, key)
+    own = opts.get("timeout", s["stage_timeout"])
+    floor = min(MIN_STAGE_SECONDS, own) if isinstance(own, (int, float)) else MIN_STAGE_SECONDS
+    if limit is not None and limit < floor:  # the budget, not the stage's own box, left it too little
+        why = f"not run: {max(limit, 0.0):.0f} s of the time budget left for it"
+        log(f"  {why}")
+        return {**base, "img_per_s": None, "status": "skipped", "error": why, "time_box_s": limit, "seconds": 0.0}
+    cfg = run["config"](stage_overrides(opts))
+    st = {**s, "windows": opts.get("windows", s["windows"]), "window_seconds": opts.get("window_seconds", s["window_seconds"]),
+          "warmup": opts.get("warmup", s["warmup"] if s["warmup_given"] else (10 if cfg.compile else 3)),
+          "deadline": time.monotonic() + limit if limit is not None else None}
+    if limit is not None:
+        log(f"  time box {limit:.0f} s")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    fn = {"dali": lambda: stage_loader("dali", data, cfg, device, s),
-          "torchvision": lambda: stage_loader("torchvision", data, cfg, device, s),
-          "model": lambda: stage_model(data, cfg, device, s),
-          "e2e-dali": lambda: stage_e2e("dali", data, cfg, device, s),
-          "e2e-torchvision": lambda: stage_e2e("torchvision", data, cfg, device, s),
-          "linear": lambda: stage_linear(data, cfg, device, s),
-          "e2e-linear": lambda: stage_e2e_linear(data, cfg, device, s)}[name]
+    data = run["shared"]
+    fn = {"dali": lambda: stage_loader("dali", data, cfg, device, st),
+          "torchvision": lambda: stage_loader("torchvision", data, cfg, device, st),
+          "model": lambda: stage_model(data, cfg, device, st, key),
+          "e2e-dali": lambda: stage_e2e("dali", data, cfg, device, st, key, best),
+          "e2e-torchvision": lambda: stage_e2e("torchvision", data, cfg, device, st, key, best),
+          "linear": lambda: stage_linear(data, cfg, device, st),
+          "e2e-linear": lambda: stage_e2e_linear(data, cfg, device, st),
+          "checkpoint": lambda: stage_checkpoint(data, cfg, device, st)}[name]
     t = time.perf_counter()
+    box = {"fired": False}
     with HostPeak() as host:
         try:
-            out = fn()
-            error = None
-        except Exception as e:  # noqa: BLE001  one failing stage (a missing loader, OOM) must not lose the others
-            traceback.print_exc(file=sys.stderr)
-            log(f"  stage {name} FAILED: {type(e).__name__}: {e}")
-            out, error = {"img_per_s": None}, f"{type(e).__name__}: {e}"
+            with alarm(limit, box):
+                out = fn()
+            status, error = "ok", None
+        except (Exception, StageTimeout) as e:  # noqa: BLE001  one failing stage must not lose the others
+            out = {"img_per_s": None}
+            if box["fired"]:
+                status, error = "timed out", f"timed out after {limit:.0f} s" if limit >= 10 else \
+                    f"timed out after {limit:.1f} s"
+            elif _is_oom(e):  # expected when probing the largest batch: one line, no traceback
+                status, error = "out of memory", f"CUDA out of memory at batch {cfg.optim.batch_size}"
+                out["error_detail"] = str(e).splitlines()[0][:300]
+            else:
+                if not isinstance(e, StageUnavailable):
+                    traceback.print_exc(file=sys.stderr)
+                status, error = "failed", f"{type(e).__name__}: {e}"
+            log(f"  stage {key} {status.upper()}: {error}")
         if device.type == "cuda":
             free, total = torch.cuda.mem_get_info(device)
             out["gpu_peak_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             out["gpu_used_gb"] = (total - free) / 2**30  # device-wide: torch's cache plus DALI's pools
+    if status != "ok" and cfg.compile:
+        torch._dynamo.reset()  # a compile cut short leaves half-built graphs behind
+    # The failed stage's frames went with its exception: collect them, then give their memory back
+    # to the device so that the next stage (the next batch size after an OOM) starts from a clean slate.
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"label": LABELS[name], **out, "host_peak_rss_gb": host.peak / 2**30, "seconds": time.perf_counter() - t,
-            "error": error}
+    return {**base, **out, "status": status, "host_peak_rss_gb": host.peak / 2**30,
+            "seconds": time.perf_counter() - t, "time_box_s": limit, "error": error}
 
 
 # ---------------------------------------------------------------------------- data
@@ -556,39 +960,114 @@ def benchmark_data(args, s: dict, cfg) -> tuple[object, dict]:
 # ---------------------------------------------------------------------------- report
 
 
-def ratios(stages: dict) -> dict:
-    """The comparisons that matter; None where a figure is missing."""
+def _rate(st: dict | None) -> float | None:
+    return st["img_per_s"]["median"] if st and st.get("img_per_s") else None
 
-    def med(name):
-        st = stages.get(name)
-        return st["img_per_s"]["median"] if st and st.get("img_per_s") else None
+
+def best_stage(stages: dict, name: str, where=lambda st: True) -> str | None:
+    """The key of the fastest measured variant of stage ``name`` (``model``, ``model:batch=512``, ...)."""
+    keys = [k for k, st in stages.items() if st.get("stage", k.split(":")[0]) == name and _rate(st) and where(st)]
+    return max(keys, key=lambda k: _rate(stages[k]), default=None)
+
+
+def step_alone(stages: dict, key: str) -> str | None:
+    """The model stage an end-to-end stage is compared with: the one whose step it ran (``step=best``),
+    else a measured one of the same step signature (backbone, size, batch, compile mode, precision)."""
+    st = stages[key]
+    if st.get("step_stage") and _rate(stages.get(st["step_stage"])):
+        return st["step_stage"]
+    return best_stage(stages, "model", lambda m: m.get("step") == st.get("step") and st.get("step") is not None)
+
+
+def link_steps(stages: dict) -> None:
+    """Each end-to-end BYOL stage gets ``vs_step_alone``: its img/s over its step alone's, measured
+    in the same run (1.0: the loader costs the step nothing)."""
+    for key, st in stages.items():
+        if st.get("stage") in ("e2e-dali", "e2e-torchvision") and _rate(st):
+            alone = step_alone(stages, key)
+            st["step_alone_stage"] = alone
+            st["vs_step_alone"] = _rate(st) / _rate(stages[alone]) if alone else None
+
+
+def checkpoint_ratio(figures: dict | None) -> float | None:
+    """checkpoint_pause.measure's ratio (pause with the background writer / synchronous save):
+    ``pause_over_sync``, else the one numeric key that reads as a ratio."""
+    figures = figures or {}
+    if isinstance(figures.get("pause_over_sync"), (int, float)):
+        return float(figures["pause_over_sync"])
+    found = [v for k, v in figures.items() if ("ratio" in k or "_over_" in k) and isinstance(v, (int, float))]
+    return float(found[0]) if len(found) == 1 else None
+
+
+def ratios(stages: dict) -> dict:
+    """The comparisons that matter, each from the best measured variant of its stages; None where a
+    figure is missing."""
+
+    def med(name, where=lambda st: True):
+        return _rate(stages.get(best_stage(stages, name, where) or ""))
 
     def div(a, b):
         return a / b if a is not None and b else None
 
+    def e2e_vs_step(name):
+        best = best_stage(stages, name)
+        return stages[best].get("vs_step_alone") if best else None
+
     best_e2e = max((v for v in (med("e2e-dali"), med("e2e-torchvision")) if v), default=None)
+    compiled = best_stage(stages, "model", lambda st: bool((st.get("step") or {}).get("compile")))
+    eager = None
+    if compiled:
+        sig = {**stages[compiled]["step"], "compile": False}
+        eager = best_stage(stages, "model", lambda st: st.get("step") == sig)
     return {
         "dali_vs_torchvision_loader": div(med("dali"), med("torchvision")),
-        "e2e_dali_vs_model": div(med("e2e-dali"), med("model")),
-        "e2e_torchvision_vs_model": div(med("e2e-torchvision"), med("model")),
+        "e2e_dali_vs_model": e2e_vs_step("e2e-dali"),
+        "e2e_torchvision_vs_model": e2e_vs_step("e2e-torchvision"),
         "e2e_dali_vs_e2e_torchvision": div(med("e2e-dali"), med("e2e-torchvision")),
         "model_vs_8xV100_target": div(med("model"), TARGET_BYOL_8XV100),
         "e2e_dali_vs_8xV100_target": div(med("e2e-dali"), TARGET_BYOL_8XV100),
         "devices_like_this_for_8xV100_target": div(TARGET_BYOL_8XV100, best_e2e or med("model")),
+        "compiled_vs_eager_step": div(_rate(stages.get(compiled or "")), _rate(stages.get(eager or ""))),
         "linear_vs_8gpu_linear_target": div(med("linear"), TARGET_LINEAR_8GPU),
+        "e2e_linear_vs_linear": div(med("e2e-linear"), med("linear")),
+        "checkpoint_pause_ratio": checkpoint_ratio(next(
+            (st.get("checkpoint") for st in stages.values() if st.get("stage") == "checkpoint"), None)),
     }
 
 
 RATIO_TEXT = {
     "dali_vs_torchvision_loader": "DALI loader / torchvision loader",
-    "e2e_dali_vs_model": "end to end DALI / training step alone",
-    "e2e_torchvision_vs_model": "end to end torchvision / training step alone",
+    "e2e_dali_vs_model": "end to end DALI / training step alone (the same step)",
+    "e2e_torchvision_vs_model": "end to end torchvision / training step alone (the same step)",
     "e2e_dali_vs_e2e_torchvision": "end to end DALI / end to end torchvision",
     "model_vs_8xV100_target": "training step: this device / 8x V100 target (3,121 img/s)",
     "e2e_dali_vs_8xV100_target": "end to end DALI: this device / 8x V100 target (3,121 img/s)",
     "devices_like_this_for_8xV100_target": "devices like this one to match 8x V100 (best end to end)",
+    "compiled_vs_eager_step": "training step: compiled / eager, same batch",
     "linear_vs_8gpu_linear_target": "linear eval: this device / 8-GPU linear target (5,408 img/s)",
+    "e2e_linear_vs_linear": "linear eval: end to end / step alone",
+    "checkpoint_pause_ratio": "checkpoint: pause with the background writer / synchronous save",
 }
+
+
+def describe_step(step: dict | None) -> str:
+    if not step:
+        return ""
+    return (f"{step['backbone']} {step['image_size']} px, batch {step['batch']}, "
+            f"{'compile ' + step['compile'] if step['compile'] else 'eager'}, {step['precision']}")
+
+
+def best_configuration(stages: dict) -> dict | None:
+    """The best measured configuration, the one the 8x V100 comparison is made from: the fastest end
+    to end BYOL stage, else (no end-to-end figure) the fastest step alone."""
+    key = max((k for k in (best_stage(stages, "e2e-dali"), best_stage(stages, "e2e-torchvision")) if k),
+              key=lambda k: _rate(stages[k]), default=None) or best_stage(stages, "model")
+    if key is None:
+        return None
+    st = stages[key]
+    return {"stage": key, "what": "training step alone" if st["stage"] == "model" else "end to end",
+            "img_per_s": _rate(st), "step": st.get("step"), "description": describe_step(st.get("step")),
+            "devices_for_8xV100_target": TARGET_BYOL_8XV100 / _rate(st)}
 
 
 def _fmt(x, digits=1) -> str:
@@ -601,19 +1080,24 @@ def render(result: dict) -> str:
     reader = cfg["reader"]
     dev = env.get("gpu") or f"CPU ({env['cpu']}, {s['cores']} cores)"
     load = env.get("loadavg_start")
+    precision = next((st["precision"] for st in result["stages"].values() if st.get("precision")), cfg["precision"])
     lines = [f"device: {dev} | {env['date_utc']} | torch {env['torch']}, torchvision {env['torchvision']}, "
              f"DALI {env['dali']}, CUDA {env['cuda']}" + (f" | load average before: {load[0]:.2f}" if load else ""),
              f"model: {cfg['model']['backbone']} at {cfg['data']['image_size']} px, batch {s['batch']}, precision "
-             f"{result['stages'].get('model', {}).get('precision', cfg['precision'])}, channels_last {cfg['channels_last']}, "
+             f"{precision}, channels_last {cfg['channels_last']}, "
              f"compile {cfg['compile']} | DALI decode on {reader['decode']}, {reader['num_threads']} threads "
-             f"= {reader['num_threads']} DataLoader workers, prefetch {reader['prefetch']} | "
-             f"{result['dataset']['num_images']} images",
+             f"= {reader['num_threads']} DataLoader workers, prefetch {reader['prefetch']}, hardware decoder load "
+             f"{reader['hw_decoder_load']} | {result['dataset']['num_images']} images (stage variants: their "
+             f"key=value)",
              "", TABLE_BEGIN, "",
              "| stage | median | min | max | data wait | peak memory (GB) |",
              "|---|---:|---:|---:|---:|---|"]
     for name, st in result["stages"].items():
+        if st.get("stage") == "checkpoint":
+            continue  # not images per second: its own section below
         if st.get("img_per_s") is None:
-            lines.append(f"| {name} | missing | - | - | - | {st['error']} |")
+            what = "missing" if st.get("status") in (None, "failed") else st["status"]
+            lines.append(f"| {name} | {what} | - | - | - | {st['error']} |")
             continue
         r = st["img_per_s"]
         mem = f"host {st['host_peak_rss_gb']:.2f}"
@@ -621,10 +1105,24 @@ def render(result: dict) -> str:
             mem = f"gpu {st['gpu_peak_allocated_gb']:.2f} (device {st['gpu_used_gb']:.2f}), " + mem
         wait = _fmt(st.get("data_wait_fraction"), 3)
         lines.append(f"| {name} | {r['median']:.1f} | {r['min']:.1f} | {r['max']:.1f} | {wait} | {mem} |")
+    ck = next((st for st in result["stages"].values() if st.get("stage") == "checkpoint"), None)
+    if ck:
+        lines += ["", "## Checkpoint pause", ""]
+        if ck.get("checkpoint"):
+            lines.append(f"- state {ck['state_gb']:.2f} GB, {ck['repeats']} saves: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in ck["checkpoint"].items()
+                if isinstance(v, (int, float))))  # the per-save lists are in the JSON
+        else:
+            lines.append(f"- {ck.get('status')}: {ck['error']}")
     lines += ["", RATIOS_BEGIN, ""]
     for key, value in result["ratios"].items():
         if value is not None:
             lines.append(f"- {RATIO_TEXT[key]}: {value:.3f}  (`{key}`)")
+    best = result.get("best")
+    if best:
+        lines += ["", f"Best measured configuration: {best['stage']} ({best['what']}; {best['description']}): "
+                  f"{best['img_per_s']:,.1f} img/s, {best['img_per_s'] / TARGET_BYOL_8XV100:.3f} of the 8x V100 "
+                  f"target (3,121 img/s): {best['devices_for_8xV100_target']:.2f} devices like this one match it."]
     return "\n".join(lines) + "\n"
 
 
@@ -638,9 +1136,13 @@ def plot(result: dict, path: str) -> None:
     colours = {"dali": "#1f77b4", "torchvision": "#9ecae1", "model": "#ff7f0e", "e2e-dali": "#2ca02c",
                "e2e-torchvision": "#98df8a", "linear": "#9467bd", "e2e-linear": "#c5b0d5"}
     names, med, lo, hi, cols = [], [], [], [], []
-    for name, st in result["stages"].items():
+    for key, st in result["stages"].items():
+        name = st.get("stage", key)
+        if name == "checkpoint":
+            continue
         r = st.get("img_per_s")
-        names.append(LABELS[name] + ("" if r else " (failed)"))
+        variant = key.partition(":")[2].replace(":", ", ")
+        names.append(LABELS[name] + (f" ({variant})" if variant else "") + ("" if r else f" ({st.get('status', 'failed')})"))
         med.append(r["median"] if r else 0.0)
         lo.append(r["median"] - r["min"] if r else 0.0)
         hi.append(r["max"] - r["median"] if r else 0.0)
@@ -670,10 +1172,13 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    started = T_START if argv is None else time.monotonic()  # called from Python: from the call
     args, extra = parse_args(argv)
     try:
         s = resolve(args)
         cfg = build_config(args, s, extra)
+        for key in s["stages"]:  # every variant's config is checked (compile mode, batch) before any work
+            build_config(args, s, extra, stage_overrides(parse_stage(key)[1]))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -691,17 +1196,36 @@ def main(argv: list[str] | None = None) -> int:
     if len(index.files) < cfg.optim.batch_size:
         print(f"error: {len(index.files)} images cannot fill one batch of {cfg.optim.batch_size}", file=sys.stderr)
         return 2
-    stages = {name: run_stage(name, {"index": index}, cfg, device, s) for name in s["stages"]}
+    stages: dict[str, dict] = {}
+    run = {"settings": s, "stages": stages, "config": lambda over: build_config(args, s, extra, over),
+           "shared": {"index": index, "kept": None, "scratch": Path(args.bench_data) / "scratch"},
+           "budget_end": started + s["time_budget"] if s["time_budget"] is not None else None}
+
+    def assemble(complete: bool) -> dict:
+        link_steps(stages)
+        return {"settings": s, "environment": env, "config": to_dict(cfg), "dataset": dataset,
+                "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
+                "complete": complete, "stages": stages, "ratios": ratios(stages), "best": best_configuration(stages),
+                "targets": {"byol_8xV100": TARGET_BYOL_8XV100, "linear_8gpu": TARGET_LINEAR_8GPU}}
+
+    def write(result: dict) -> None:
+        if args.json:  # through a temporary file: a run killed mid-write leaves the previous stage's JSON
+            path = Path(args.json)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            os.replace(tmp, path)
+
+    for key in s["stages"]:
+        stages[key] = run_stage(key, run, device)
+        write(assemble(complete=False))  # what is measured survives an outer timeout
+    run["shared"]["kept"] = None
     env["loadavg_end"] = _loadavg()
-    result = {"settings": s, "environment": env, "config": to_dict(cfg), "dataset": dataset,
-              "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
-              "stages": stages, "ratios": ratios(stages),
-              "targets": {"byol_8xV100": TARGET_BYOL_8XV100, "linear_8gpu": TARGET_LINEAR_8GPU}}
+    result = assemble(complete=True)
     text = render(result)
     print("\n" + text, flush=True)
+    write(result)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
         log(f"wrote {args.json}")
     if args.plot:
         try:
