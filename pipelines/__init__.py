@@ -3,7 +3,8 @@
 - :mod:`pipelines.contract`: the loader contract every loader follows, and :func:`rank_files`, the one
   answer to "which files does rank r read in epoch e".
 - :mod:`pipelines.decode`: reading, decoding and normalising, the ends every DALI graph shares.
-- :mod:`pipelines.colour`: colour jitter and grayscale as per-image matrices (numpy).
+- :mod:`pipelines.colour`: colour jitter and grayscale as per-image matrices, in numpy: the reference
+  the DALI graph's own matrices (built by DALI operators in :mod:`pipelines.pretrain`) are tested against.
 - :mod:`pipelines.pretrain`: the two-view BYOL augmentation graph (one graph, ``device`` "cpu"|"gpu").
 - :mod:`pipelines.evaluation`: linear evaluation's (and the kNN monitor's) training and validation graphs.
 - :mod:`pipelines.loader`: the DALI graphs as loaders of torch tensors.

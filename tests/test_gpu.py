@@ -69,3 +69,21 @@ def test_steps_between_log_points_never_sync(precision):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert learner.read_skips() == (0, 1, 1)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_compiled_step_in_mixed_precision_never_recompiles(precision):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    learner = Learner(load_config(None, TINY + [f"--precision={precision}", "--compile=true"]),
+                      torch.device("cuda"), DistInfo())
+    views = (torch.randn(8, 3, 64, 64, device="cuda"), torch.randn(8, 3, 64, 64, device="cuda"))
+    losses = [learner.step([views], lr=0.1, tau=0.99)]  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for lr, tau in ((0.05, 0.995), (0.02, 0.999)):
+            losses.append(learner.step([views, views], lr=lr, tau=tau))
+    assert all(torch.isfinite(loss).item() for loss in losses)
+    if precision == "bf16":  # fp16 may skip its first steps while the GradScaler finds its scale
+        assert learner.read_skips()[1] == 0
