@@ -13,7 +13,7 @@ DEMO := data/demo
 GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPUS ?= $(GPUS_HERE)
 
-.PHONY: install test test-gpu pretrain demo-data index linear-eval finetune benchmark clean help
+.PHONY: install test test-gpu pretrain demo-data index shards linear-eval finetune benchmark clean help
 
 help:
 	@echo "make install                  create $(VENV) with the pinned dependencies"
@@ -21,6 +21,7 @@ help:
 	@echo "make pretrain                 pretrain on the generated demo dataset (config/demo.yaml)"
 	@echo "make pretrain CONFIG=config/byol_r50_in1k_300ep.yaml DATA=/imagenet GPUS=8"
 	@echo "make index DATA=/imagenet     check every image of DATA/train and DATA/val once, write the index"
+	@echo "make shards DATA=/imagenet OUT=/scratch/imagenet-shards   pack train/ and val/ into tar shards (SHARD_SIZE=1GB)"
 	@echo "make linear-eval              linear evaluation of runs/demo/last.pt on the demo dataset"
 	@echo "make linear-eval LINEAR_CONFIG=config/linear_r50_in1k.yaml CHECKPOINT=runs/r50/last.pt DATA=/imagenet GPUS=8"
 	@echo "make finetune                 fine-tune runs/demo/last.pt with 10% of the demo's labels (config/finetune_demo.yaml)"
@@ -70,6 +71,13 @@ index: install
 	@for split in train val; do if [ -d "$(DATA)/$$split" ]; then \
 		$(PY) -m byol_fast.data index $(DATA)/$$split || exit $$?; fi; done; \
 	if [ ! -d "$(DATA)/train" ] && [ ! -d "$(DATA)/val" ]; then $(PY) -m byol_fast.data index $(DATA); fi
+
+# Tar shards (WebDataset layout, read by DALI): DATA/train and DATA/val (or DATA itself) -> OUT/...
+SHARD_SIZE ?= 1GB
+OUT ?=
+shards: install
+	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "make shards DATA=/path/to/dataset OUT=/path/to/new/folder [SHARD_SIZE=1GB]"; exit 2; }
+	$(PY) -m byol_fast.data shards $(DATA) $(OUT) --shard-size $(SHARD_SIZE)
 
 # Linear evaluation: the demo's by default; the paper's protocol with LINEAR_CONFIG=config/linear_r50_in1k.yaml.
 LINEAR_CONFIG ?= config/linear_demo.yaml

@@ -4,11 +4,16 @@ Command line::
 
     python -m byol_fast.data index DATA [--workers N] [--max-pixels N] [--no-cache]
     python -m byol_fast.data demo OUT [--seed S] [--size PX] ...
+    python -m byol_fast.data shards SRC OUT [--shard-size 1GB] [--workers N] [--seed S]
+    python -m byol_fast.data verify SHARDS
 
 ``index`` scans and checks an image folder (an ImageFolder class tree or a flat folder), writes its
 index and a report of the files left out, and prints a summary. ``demo`` writes the synthetic demo
-dataset (an ImageFolder of JPEGs with train/ and val/) unless it is already there. Mistakes exit 2
-with a one-line error.
+dataset (an ImageFolder of JPEGs with train/ and val/) unless it is already there. ``shards`` packs
+an image folder (indexed first, or its index reused) or an index file into tar shards
+(byol_fast.shards); a root holding train/ and val/ becomes OUT/train and OUT/val. ``verify`` reads
+every byte of a shard set (a folder or ``s3://bucket/prefix``; both splits of a root holding train/
+and val/) against its manifest (byol_fast.shard_set.verify). Mistakes exit 2 with a one-line error.
 
 The code lives in the modules; import from them, not from here:
 
@@ -16,15 +21,24 @@ The code lives in the modules; import from them, not from here:
   its layouts and cache; byol_fast.index_file: the saved index file and its report).
 - byol_fast.image_check: check_image (one file) and check_all (many, in parallel).
 - byol_fast.demo_data: make_demo_dataset, ensure_demo_dataset, demo_image.
+- byol_fast.shards: pack (an index into tar shards with DALI's index files and a manifest).
+- byol_fast.shard_set: open_shard_set (opened and checked for reading), verify.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from .demo_data import DEMO_DEFAULTS, ensure_demo_dataset
 from .image_check import MAX_PIXELS
-from .index import DatasetError, build_index
+from .index import DatasetError, build_index, load_index
+from . import object_store as store
+from .shard_set import is_shard_set, verify
+from .shards import pack, parse_size
+
+SPLITS = ("train", "val")
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +53,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     demo.add_argument("out", help="folder to create (train/ and val/ inside)")
     for name, default in DEMO_DEFAULTS.items():
         demo.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    shards = sub.add_parser("shards", help="pack an image folder or index file into tar shards (WebDataset layout)")
+    shards.add_argument("src", help="ImageFolder tree, flat folder, a root holding train/ and val/, or an index file")
+    shards.add_argument("out", help="new or empty folder for the shards (OUT/train and OUT/val for a split root)")
+    shards.add_argument("--shard-size", default="1GB", help="largest shard (default 1GB; e.g. 500MB, 256MiB)")
+    shards.add_argument("--workers", type=int, default=0, help="processes for indexing and packing (0 = all cores)")
+    shards.add_argument("--seed", type=int, default=0, help="the seeded order that mixes the classes")
+    check = sub.add_parser("verify", help="read every byte of a shard set and check it against its manifest")
+    check.add_argument("shards", help="a shard set (folder or s3://bucket/prefix), or a root holding train/ and val/")
     return parser.parse_args(argv)
 
 
@@ -46,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (2 for a user mistake, with a one-line error)."""
     args = _parse_args(argv)
     try:
-        (_index_command if args.command == "index" else _demo_command)(args)
+        {"index": _index_command, "demo": _demo_command, "shards": _shards_command,
+         "verify": _verify_command}[args.command](args)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -66,6 +89,32 @@ def _demo_command(args: argparse.Namespace) -> None:
     params = {k: getattr(args, k) for k in DEMO_DEFAULTS}
     root = ensure_demo_dataset(args.out, **params)
     print(f"demo dataset ready: {root} (train/ and val/, {params['num_classes']} classes)")
+
+
+def _shards_command(args: argparse.Namespace) -> None:
+    if args.workers < 0:
+        raise DatasetError(f"--workers must be >= 0, got {args.workers}")
+    shard_bytes, workers = parse_size(args.shard_size), args.workers or os.cpu_count() or 1
+    src, out = Path(args.src), Path(args.out)
+    if not src.exists():
+        raise DatasetError(f"{src}: no such file or folder")
+    split_root = src.is_dir() and all((src / s).is_dir() for s in SPLITS)
+    for source, dest in ([(src / s, out / s) for s in SPLITS] if split_root else [(src, out)]):
+        index = load_index(source, workers=workers)
+        manifest = pack(index, dest, shard_bytes, args.seed, workers)
+        total = sum(s["bytes"] for s in manifest["shards"])
+        print(f"{dest}: {manifest['num_samples']} images in {len(manifest['shards'])} shards, "
+              f"{total / 1e6:.1f} MB at {manifest['packed_mb_per_s']} MB/s")
+
+
+def _verify_command(args: argparse.Namespace) -> None:
+    root = args.shards
+    sets = [root] if is_shard_set(root) else [store.join(root, s) for s in SPLITS if is_shard_set(store.join(root, s))]
+    if not sets:
+        raise DatasetError(f"{root}: not a shard set (no manifest.json), nor a root holding train/ and val/ shard sets")
+    for path in sets:
+        n = verify(path, progress=lambda tar, done: print(f"verify: {tar} ok, {done} samples", file=sys.stderr))
+        print(f"{path}: {n} samples match the manifest")
 
 
 if __name__ == "__main__":

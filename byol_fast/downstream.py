@@ -24,7 +24,8 @@ from . import dist
 from .classifier import FeatureLoader, FineTuner, LinearClassifier
 from .config import ConfigError, FinetuneConfig, LinearConfig, load_config, parse_overrides, to_dict, to_yaml, validate
 from .features import EncoderWeights, build_frozen_encoder, freeze, loader_features, read_encoder_weights
-from .index import checked_index
+from . import object_store as store
+from .shard_set import checked_dataset
 from .loaders import eval_loader, shard_of
 from .metrics import Throughput, Writer
 from .model import build_encoder
@@ -47,11 +48,12 @@ def output_dir(cfg: LinearConfig) -> Path:
 
 
 def split_index(root: str | Path, split: str, info: dist.DistInfo, workers: int = 0):
-    """The checked index (byol_fast.index) of ``root/split``, built by rank 0 only; it must be a
-    labelled class tree."""
-    index = checked_index(Path(root) / split, info, workers)
+    """The checked index (byol_fast.index) or shard set (byol_fast.shard_set) of ``root/split``, built
+    or checked by rank 0 only; it must be labelled."""
+    path = store.join(root, split)
+    index = checked_dataset(path, info, workers)
     if not index.labelled:
-        raise ConfigError(f"data.path: {Path(root) / split} has no class folders; a classifier needs labels")
+        raise ConfigError(f"data.path: {path} has no class folders; a classifier needs labels")
     return index
 
 

@@ -46,8 +46,54 @@ TRANSIENT_REASONS = ("unreadable", "missing")
 # ------------------------------------------------------------------------------ the index
 
 
+class LabelledSamples:
+    """What an image folder's :class:`Index` and a shard set (``byol_fast.shard_set.ShardSet``) share:
+    samples with ``labels`` (``-1`` when unlabelled) and ``classes``, and seeded subsets of them.
+    A subclass says how to keep a subset (``_subset``)."""
+
+    labels: list[int]
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def labelled_fraction(self, fraction: float, seed: int) -> "LabelledSamples":
+        """A seeded, class-balanced sample: round(fraction x images) of every class (at least one),
+        kept in this index's order (the semi-supervised protocol's labelled subset)."""
+        import numpy as np
+
+        rng, keep, labels = np.random.default_rng(seed), [], np.asarray(self.labels)
+        for label in range(self.num_classes):
+            members = np.flatnonzero(labels == label)
+            if len(members):
+                n = max(1, round(fraction * len(members)))
+                keep += rng.choice(members, min(n, len(members)), replace=False).tolist()
+        return self._subset(sorted(keep))
+
+    def sample(self, n: int, seed: int) -> "LabelledSamples":
+        """An index of ``n`` of these files drawn at random (seeded), kept in this index's order;
+        the whole index when ``n`` is 0 or not smaller."""
+        if not 0 < n < len(self.labels):
+            return self
+        import numpy as np
+
+        return self._subset(np.sort(np.random.default_rng(seed).choice(len(self.labels), n, replace=False)).tolist())
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        """True for a class tree; False for a flat folder (labels all -1)."""
+        return bool(self.classes)
+
+    def _subset(self, keep: list[int]) -> "LabelledSamples":
+        raise NotImplementedError
+
+
 @dataclass
-class Index:
+class Index(LabelledSamples):
     """Decodable images of one folder, in ImageFolder order.
 
     files: absolute paths; labels: class index per file (``-1`` for a flat folder); classes: sorted
@@ -71,22 +117,6 @@ class Index:
     # (size, mtime_ns) per path, kept and cacheable skipped files alike: the cache key.
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def labelled_fraction(self, fraction: float, seed: int) -> "Index":
-        """A seeded, class-balanced sample: round(fraction x images) of every class (at least one),
-        kept in this index's order (the semi-supervised protocol's labelled subset)."""
-        import numpy as np
-
-        rng, keep = np.random.default_rng(seed), []
-        for label in range(self.num_classes):
-            members = [i for i, y in enumerate(self.labels) if y == label]
-            if members:
-                n = max(1, round(fraction * len(members)))
-                keep += rng.choice(members, min(n, len(members)), replace=False).tolist()
-        return self._subset(sorted(keep))
-
     def named(self, names: list[str], source: str) -> "Index":
         """The files whose base names are ``names`` (a published subset list, e.g. ImageNet's 1% split);
         a DatasetError naming the first name that is not in this index, or that names several files."""
@@ -104,24 +134,6 @@ class Index:
     def _subset(self, keep: list[int]) -> "Index":
         return dataclasses.replace(self, files=[self.files[i] for i in keep], labels=[self.labels[i] for i in keep],
                                    kinds=[self.kinds[i] for i in keep] if self.kinds else [])
-
-    def sample(self, n: int, seed: int) -> "Index":
-        """An index of ``n`` of these files drawn at random (seeded), kept in this index's order;
-        the whole index when ``n`` is 0 or not smaller."""
-        if not 0 < n < len(self.files):
-            return self
-        import numpy as np
-
-        return self._subset(np.sort(np.random.default_rng(seed).choice(len(self.files), n, replace=False)).tolist())
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def labelled(self) -> bool:
-        """True for a class tree; False for a flat folder (labels all -1)."""
-        return bool(self.classes)
 
     def skip_counts(self) -> Counter:
         """Number of skipped entries per reason category."""

@@ -16,49 +16,63 @@ from .config import ConfigError, DataConfig, LinearDataConfig, ReaderConfig
 from .dist import DistInfo
 from .index import Index
 from .runtime import decode_device
+from .shard_set import ShardSet
+
+Dataset = Index | ShardSet
 
 
 def shard_of(info: DistInfo) -> Shard:
     return Shard(info.rank, info.world_size, info.local_rank)
 
 
-def _check_fills(index: Index, batch: int, info: DistInfo, key: str) -> None:
+def _check_fills(index: Dataset, batch: int, info: DistInfo, key: str) -> None:
     """A ConfigError naming ``key`` when the index cannot fill one training step on every rank."""
     try:
-        steps_per_epoch(len(index.files), batch, info.world_size)
+        steps_per_epoch(len(index), batch, info.world_size)
     except ValueError as e:
         raise ConfigError(f"{key}: {index.root}: {e}") from None
 
 
-def two_view_loader(index: Index, data: DataConfig, reader: ReaderConfig, batch: int, info: DistInfo,
+def _items(index: Dataset, reader: ReaderConfig):
+    """What the loader reads: the files of an image folder, or the samples of a shard set (DALI only)."""
+    if not isinstance(index, ShardSet):
+        return index.files
+    if reader.loader == "torchvision":
+        raise ConfigError(f"reader.loader: {index.root} is a shard set, which DALI reads; the torchvision "
+                          "loader reads image folders (use reader.loader=dali, or the folder)")
+    return index.samples
+
+
+def two_view_loader(index: Dataset, data: DataConfig, reader: ReaderConfig, batch: int, info: DistInfo,
                     device: torch.device, seed: int, labels: bool = False) -> Loader:
-    """This rank's two-view loader over the training ``index``: DALI (reader.loader=dali) or the
-    torchvision/PIL reference; with ``labels`` it also yields each image's class label."""
+    """This rank's two-view loader over the training ``index`` (an image folder's index or a shard
+    set): DALI (reader.loader=dali) or the torchvision/PIL reference (folders only); with ``labels``
+    it also yields each image's class label."""
     _check_fills(index, batch, info, "optim.batch_size")
-    shard = shard_of(info)
+    items, shard = _items(index, reader), shard_of(info)
     labels_ = index.labels if labels else None
     if reader.loader == "torchvision":
         from pipelines.reference import TorchvisionTwoViewLoader
 
-        return TorchvisionTwoViewLoader(index.files, data, batch, reader.num_threads, shard, seed, labels_)
+        return TorchvisionTwoViewLoader(items, data, batch, reader.num_threads, shard, seed, labels_)
     from pipelines.loader import DaliTwoViewLoader
 
-    return DaliTwoViewLoader(index.files, data, reader, batch, decode_device(reader, device), shard, seed, device,
+    return DaliTwoViewLoader(items, data, reader, batch, decode_device(reader, device), shard, seed, device,
                              labels_)
 
 
-def eval_loader(index: Index, train: bool, data: LinearDataConfig, reader: ReaderConfig, batch: int,
+def eval_loader(index: Dataset, train: bool, data: LinearDataConfig, reader: ReaderConfig, batch: int,
                 info: DistInfo, device: torch.device, seed: int = 0) -> Loader:
     """This rank's loader of one labelled split, yielding (images (B, 3, S, S) float32 normalised,
     labels (B,) int64): ``train`` picks random resized crop + flip, else resize + center crop."""
     if train:
         _check_fills(index, batch, info, "batch_size")
-    shard = shard_of(info)
+    items, shard = _items(index, reader), shard_of(info)
     if reader.loader == "torchvision":
         from pipelines.reference import TorchvisionEvalLoader
 
-        return TorchvisionEvalLoader(index.files, index.labels, train, data, batch, reader.num_threads, shard, seed)
+        return TorchvisionEvalLoader(items, index.labels, train, data, batch, reader.num_threads, shard, seed)
     from pipelines.loader import DaliEvalLoader
 
-    return DaliEvalLoader(index.files, index.labels, train, data, reader, batch, decode_device(reader, device),
+    return DaliEvalLoader(items, index.labels, train, data, reader, batch, decode_device(reader, device),
                           shard, seed, device)

@@ -24,6 +24,8 @@ from typing import Callable
 import torch
 import torch.distributed as tdist
 
+from pipelines.contract import ReadError
+
 from . import dist
 from .checkpoint import CheckpointError
 from .config import ConfigError, ReaderConfig
@@ -37,7 +39,7 @@ class DivergedError(RuntimeError):
 
 
 # What a user can cause and fix: reported in one line, exit status 2.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, DivergedError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, DivergedError, FileNotFoundError, ReadError)
 
 
 def run_cli(body: Callable[[], int]) -> int:

@@ -19,7 +19,8 @@ import torch.distributed as tdist
 from . import checkpoint as ckpt
 from . import dist
 from .config import Config, ConfigError, LinearDataConfig, load_config, to_dict, to_yaml
-from .index import checked_index
+from . import object_store as store
+from .shard_set import checked_dataset
 from .learner import Learner
 from .loaders import eval_loader, two_view_loader
 from .metrics import Window, Writer, collapse_stats, format_duration, pair_retrieval
@@ -34,11 +35,11 @@ def knn_monitor(cfg: Config, bank, info, device: torch.device, batch: int) -> Kn
     ``bank``), queries = the validation split, at the pretraining resolution and normalisation."""
     if cfg.monitor.knn_every <= 0:
         return None
-    val_path = Path(cfg.monitor.val_path) if cfg.monitor.val_path else Path(cfg.data.path).parent / "val"
-    if not val_path.is_dir():
+    val_path = cfg.monitor.val_path or store.join(store.parent(cfg.data.path), "val")
+    if not (store.is_s3(val_path) or Path(val_path).is_dir()):
         raise ConfigError(f"monitor.val_path: {val_path} is not a folder; the kNN monitor needs a labelled "
                           "validation split (or --monitor.knn_every=0 to turn it off)")
-    query = checked_index(val_path, info, cfg.reader.index_workers)
+    query = checked_dataset(val_path, info, cfg.reader.index_workers)
     if not (bank.labelled and query.labelled) or bank.classes != query.classes:
         raise ConfigError(f"monitor.knn_every: the kNN monitor needs class folders, the same in {cfg.data.path} "
                           f"and {val_path} (or --monitor.knn_every=0)")
@@ -71,7 +72,7 @@ class Run:
         # ------------------------------------------------------------------ data
         self.batch = per_process_batch(cfg.optim.batch_size, self.info.world_size, cfg.optim.accumulate,
                                        "optim.batch_size")
-        self.index = checked_index(cfg.data.path, self.info, cfg.reader.index_workers)  # read once, used thrice
+        self.index = checked_dataset(cfg.data.path, self.info, cfg.reader.index_workers)  # read once, used thrice
         if cfg.monitor.probe and not self.index.labelled:
             raise ConfigError(f"monitor.probe: {cfg.data.path} has no class folders, and the online probe needs "
                               "labels (or --monitor.probe=false)")

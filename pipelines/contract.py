@@ -21,6 +21,10 @@ Which files a rank reads is decided here, by :func:`rank_files`, for every loade
   r-th contiguous block (sizes differ by at most one); every rank runs the same number of steps,
   so the last batches of a rank can be short, or empty.
 
+Samples packed in tar shards (``pipelines.shards``) are read in an order that keeps each rank's reads
+within a few tars: :func:`shard_order` (training: the tars in a new seeded order every epoch, the
+samples of each tar in a new seeded order, then cut and split as above; evaluation: as for files).
+
 Batches are tuples of tensors: (view1, view2[, labels]) for two-view loaders, (images, labels) for
 evaluation loaders; images float32 (N, 3, H, W), labels int64 (N,).
 """
@@ -32,6 +36,11 @@ from typing import Iterator, Protocol
 
 import numpy as np
 import torch
+
+
+class ReadError(RuntimeError):
+    """A batch that could not be read or decoded: the message names the files (or tar shards) it came
+    from, in one line (a loader raises it in place of the reader's own trace)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +84,28 @@ def rank_files(num_files: int, batch_size: int, shard: Shard, epoch: int, seed: 
     per_rank = steps_per_epoch(num_files, batch_size, world) * batch_size
     order = np.random.default_rng([seed, epoch]).permutation(num_files)
     return order[rank * per_rank:(rank + 1) * per_rank].tolist()
+
+
+def shard_order(groups, batch_size: int, shard: Shard, epoch: int, seed: int, train: bool = True) -> list[int]:
+    """Indices of the samples ``shard.rank`` reads in ``epoch`` when sample i lies in tar ``groups[i]``.
+
+    Training: each epoch a seeded permutation of the tars (the same on every rank), each tar's samples
+    in a seeded permutation of their own, concatenated, cut to whole global batches, rank r taking the
+    r-th contiguous block; so a rank reads from about (tars / ranks + 1) tars, each once, and the tar
+    left partly unread at the end changes every epoch. Evaluation: as :func:`rank_files`.
+    """
+    num = len(groups)
+    if not train:
+        return rank_files(num, batch_size, shard, epoch, seed, train=False)
+    per_rank = steps_per_epoch(num, batch_size, shard.world_size) * batch_size
+    rng = np.random.default_rng([seed, epoch])
+    groups = np.asarray(groups)
+    tars, inverse = np.unique(groups, return_inverse=True)
+    rank_of_tar = np.empty(len(tars), dtype=np.int64)
+    rank_of_tar[rng.permutation(len(tars))] = np.arange(len(tars))  # the epoch's place of each tar
+    within = rng.permutation(num)  # ties broken at random: a permutation inside each tar
+    order = np.lexsort((within, rank_of_tar[inverse]))
+    return order[shard.rank * per_rank:(shard.rank + 1) * per_rank].tolist()
 
 
 def pipeline_seed(seed: int, rank: int, epoch: int) -> int:

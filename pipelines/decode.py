@@ -1,8 +1,10 @@
 """The two ends every DALI graph here shares: reading and decoding files, and the final normalisation.
 
-Each loader hands its graph the list of files this rank reads in this epoch, in order
-(``pipelines.contract.rank_files``); the reader walks that list as given, never shuffling or sharding
-it itself, so which file comes when is decided in one place for every loader.
+Each loader hands its graph what this rank reads in this epoch, in order: a list of files
+(``pipelines.contract.rank_files``) or samples of tar shards (a :class:`pipelines.shards.ShardList`,
+``pipelines.contract.shard_order``). The reader walks it as given, never shuffling or sharding it
+itself, so which image comes when is decided in one place for every loader. Labels do not travel
+through the graphs: the loaders know which samples each batch holds and attach them.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from nvidia.dali import fn, types
 from nvidia.dali.pipeline import Pipeline
 
 from byol_fast.config import ReaderConfig
+from pipelines.shards import IMAGE_EXTS, ShardList
 
 INTERP = {"cubic": types.INTERP_CUBIC, "linear": types.INTERP_LINEAR}
 DEVICES = ("cpu", "gpu")
@@ -24,10 +27,12 @@ _HW_DECODER_HINTS = dict(
 )
 
 
-def read_files(files: list[str], labels: list[int] | None):
-    """(encoded bytes, int32 label) of ``files`` in the order given (labels may be None)."""
-    return fn.readers.file(files=list(files), labels=None if labels is None else list(labels),
-                           random_shuffle=False, shuffle_after_epoch=False, name="Reader")
+def read(source: list[str] | ShardList):
+    """The encoded images of ``source`` in the order given: files, or samples of tar shards."""
+    if isinstance(source, ShardList):
+        return fn.readers.webdataset(paths=source.tars, index_paths=source.index_paths, ext=";".join(IMAGE_EXTS),
+                                     missing_component_behavior="error", name="Reader")
+    return fn.readers.file(files=list(source), random_shuffle=False, shuffle_after_epoch=False, name="Reader")[0]
 
 
 def decode(jpegs, reader: ReaderConfig, device: str):

@@ -15,7 +15,8 @@ from nvidia.dali import fn, pipeline_def
 from nvidia.dali.pipeline import Pipeline
 
 from byol_fast.config import LinearDataConfig, ReaderConfig
-from pipelines.decode import INTERP, build, decode, normalise, read_files
+from pipelines.decode import INTERP, build, decode, normalise, read
+from pipelines.shards import ShardList
 
 ASPECT = (3 / 4, 4 / 3)
 
@@ -34,16 +35,15 @@ def val_graph(images, data: LinearDataConfig):
 
 
 @pipeline_def(enable_checkpointing=True)
-def _eval_pipeline(files, labels, data: LinearDataConfig, reader: ReaderConfig, train: bool, device: str):
-    jpegs, label = read_files(files, labels)
-    images = decode(jpegs, reader, device)
-    return (train_graph(images, data) if train else val_graph(images, data)), label
+def _eval_pipeline(source, data: LinearDataConfig, reader: ReaderConfig, train: bool, device: str):
+    images = decode(read(source), reader, device)
+    return train_graph(images, data) if train else val_graph(images, data)
 
 
-def build_eval_pipeline(files: list[str], labels: list[int], data: LinearDataConfig, reader: ReaderConfig,
-                        train: bool, batch_size: int, device: str, device_id: int | None, seed: int,
+def build_eval_pipeline(source: list[str] | ShardList, data: LinearDataConfig, reader: ReaderConfig, train: bool,
+                        batch_size: int, device: str, device_id: int | None, seed: int,
                         checkpoint: str | None = None) -> Pipeline:
-    """The training (``train``) or validation graph over ``files`` in the order given, built;
-    ``run()`` returns (images, int32 labels)."""
-    return build(_eval_pipeline, reader, batch_size, device, device_id, seed, checkpoint,
-                 files=files, labels=labels, data=data, train=train)
+    """The training (``train``) or validation graph over ``source`` (files, or samples of tar shards)
+    in the order given, built; ``run()`` returns the images."""
+    return build(_eval_pipeline, reader, batch_size, device, device_id, seed, checkpoint, source=source, data=data,
+                 train=train)

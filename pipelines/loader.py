@@ -8,13 +8,25 @@ needs no saved state and a position inside an epoch is the DALI checkpoint of th
 DALI's outputs reach torch without a copy (DLPack; DALI's dynamic executor keeps an output's memory
 alive while a torch tensor refers to it) and as ``(N, 3, H, W)`` views of NHWC memory, i.e. torch's
 channels_last format.
+
+A loader reads image files (a list of paths) or the samples of a shard set (a
+:class:`pipelines.shards.ShardSamples`); with shards, training walks :func:`pipelines.contract.shard_order`
+and each pipeline gets index files written for its order into a private temporary folder, removed
+once DALI has read them. Labels are attached here, from the samples each batch holds.
 """
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import weakref
+
+import numpy as np
 import torch
 
 from byol_fast.config import DataConfig, LinearDataConfig, ReaderConfig
-from pipelines.contract import EpochLoader, Shard, pipeline_seed
+from pipelines.contract import EpochLoader, ReadError, Shard, pipeline_seed, shard_order
+from pipelines.shards import ShardSamples
 
 
 def to_torch(batch) -> torch.Tensor:
@@ -31,25 +43,39 @@ def to_torch(batch) -> torch.Tensor:
     return nhwc.permute(0, 3, 1, 2)
 
 
-def labels_to_torch(batch) -> torch.Tensor:
-    return torch.from_dlpack(batch.as_tensor()).reshape(-1).to(torch.int64)
-
-
 class _DaliLoader(EpochLoader):
     """One pipeline per epoch; subclasses say how to build it (``_build``) and read it (``_convert``).
 
-    A pipeline walks the epoch's files from ``offset`` batches in: 0, except when a position inside an
+    A pipeline walks the epoch's samples from ``offset`` batches in: 0, except when a position inside an
     epoch is restored without a DALI checkpoint (a run resumed by another number of processes), where
-    the rest of the epoch's files are read with fresh random draws.
+    the rest of the epoch's samples are read with fresh random draws.
     """
 
     def __init__(self, files, labels, batch_size: int, device: str, shard: Shard, seed: int,
                  torch_device: torch.device, train: bool):
         super().__init__(len(files), batch_size, shard, seed, train)
-        self.files, self.labels = list(files), None if labels is None else list(labels)
+        self.files = files if isinstance(files, ShardSamples) else list(files)
+        self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.device, self.torch_device = device, torch.device(torch_device)
-        self._pipe, self._pipe_epoch, self._offset = None, None, 0
+        self._pipe, self._pipe_epoch, self._offset, self._order = None, None, 0, []
         self._saved = None  # (epoch, DALI checkpoint, offset) from load_state_dict, used at the next build
+        self._tmp = None  # the folder of this loader's reader index files (shards only)
+
+    def files_of(self, epoch: int) -> list[int]:
+        if isinstance(self.files, ShardSamples):
+            return shard_order(self.files.tar_of, self.batch_size, self.shard, epoch, self.seed, self.train)
+        return super().files_of(epoch)
+
+    def _source(self, order: list[int]):
+        """What the reader walks for ``order``: file paths, or samples of shards via index files."""
+        if not isinstance(self.files, ShardSamples):
+            return [self.files[i] for i in order]
+        if self._tmp is None:
+            self._tmp = tempfile.mkdtemp(prefix="byol_fast-shards-")
+            weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+        for name in os.listdir(self._tmp):  # the last pipeline's lists: DALI read them when it was built
+            os.remove(os.path.join(self._tmp, name))
+        return self.files.reader_list(order, self._tmp, f"rank{self.shard.rank}")
 
     def _pipeline(self, epoch: int, step: int):
         if self._pipe_epoch == epoch:
@@ -63,13 +89,31 @@ class _DaliLoader(EpochLoader):
         self._pipe = None  # free the last epoch's pipeline before building the next
         self._pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint,
                                  self.steps_per_epoch - offset)
-        self._pipe_epoch, self._offset, self._saved = epoch, offset, None
+        self._pipe_epoch, self._offset, self._order, self._saved = epoch, offset, order, None
         return self._pipe
 
     def _batches(self, epoch: int, step: int):
         pipe = self._pipeline(epoch, step)
         for k in range(step, self.steps_per_epoch):
-            yield self._convert(pipe.run(), k)
+            try:
+                out = pipe.run()
+            except RuntimeError as e:
+                raise self._read_error(k, e) from None
+            yield self._convert(out, k)
+
+    def _read_error(self, k: int, e: RuntimeError) -> ReadError:
+        """One line naming where batch ``k`` (or one prefetched after it) came from, and DALI's reason."""
+        text = str(e)
+        reason = text.rpartition("encountered:")[2].strip().splitlines()[0] if "encountered:" in text else text
+        start = (k - self._offset) * self.batch_size
+        ids = self._order[start:start + (1 + max(1, self.reader.prefetch)) * self.batch_size] or self._order[-1:]
+        if isinstance(self.files, ShardSamples):
+            names = list(dict.fromkeys(self.files.tars[int(t)] for t in self.files.tar_of[ids]))
+            hint = "; python -m byol_fast.data verify finds damaged shards"
+        else:
+            names, hint = list(dict.fromkeys(self.files[i] for i in ids)), ""
+        where = names[0] + (f" (or one of {len(names) - 1} more read with it)" if len(names) > 1 else "")
+        return ReadError(f"{where}: an image could not be read or decoded ({reason}){hint}")
 
     def _position(self, epoch: int, step: int) -> dict:
         if step > 0 and self._pipe_epoch == epoch:
@@ -86,8 +130,11 @@ class _DaliLoader(EpochLoader):
         out = to_torch(batch)
         return out if out.device == self.torch_device else out.to(self.torch_device, non_blocking=True)
 
-    def _labels(self, batch) -> torch.Tensor:
-        return labels_to_torch(batch).to(self.torch_device, non_blocking=True)
+    def _labels(self, k: int, count: int) -> torch.Tensor:
+        """Labels of the first ``count`` samples of the epoch's batch ``k``."""
+        start = (k - self._offset) * self.batch_size
+        ids = torch.as_tensor(self._order[start:start + count], dtype=torch.int64)
+        return self.labels[ids].to(self.torch_device, non_blocking=True)
 
 
 class DaliTwoViewLoader(_DaliLoader):
@@ -106,14 +153,12 @@ class DaliTwoViewLoader(_DaliLoader):
     def _build(self, order, seed, checkpoint, steps):
         from pipelines.pretrain import build_pretrain_pipeline
 
-        labels = None if self.labels is None else [self.labels[i] for i in order]
-        return build_pretrain_pipeline([self.files[i] for i in order], self.data, self.reader, self.batch_size,
-                                       self.device, self.shard.local_rank if self.device == "gpu" else None,
-                                       seed, checkpoint, labels)
+        return build_pretrain_pipeline(self._source(order), self.data, self.reader, self.batch_size, self.device,
+                                       self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint)
 
     def _convert(self, out, k):
         views = (self._tensor(out[0]), self._tensor(out[1]))
-        return views if self.labels is None else (*views, self._labels(out[2]))
+        return views if self.labels is None else (*views, self._labels(k, self.batch_size))
 
 
 class DaliEvalLoader(_DaliLoader):
@@ -138,13 +183,13 @@ class DaliEvalLoader(_DaliLoader):
         from pipelines.evaluation import build_eval_pipeline
 
         order = order + [order[-1] if order else 0] * (steps * self.batch_size - len(order))
-        return build_eval_pipeline([self.files[i] for i in order], [self.labels[i] for i in order], self.data,
-                                   self.reader, self.train, self.batch_size, self.device,
-                                   self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint)
+        return build_eval_pipeline(self._source(order), self.data, self.reader, self.train, self.batch_size,
+                                   self.device, self.shard.local_rank if self.device == "gpu" else None, seed,
+                                   checkpoint)
 
     def _convert(self, out, k):
-        images, labels = self._tensor(out[0]), self._labels(out[1])
+        images, keep = self._tensor(out[0]), self.batch_size
         if not self.train:  # cut the padding
             keep = max(0, min(self.batch_size, self._real - k * self.batch_size))
-            images, labels = images[:keep], labels[:keep]
-        return images, labels
+            images = images[:keep]
+        return images, self._labels(k, keep)

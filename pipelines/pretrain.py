@@ -44,7 +44,8 @@ from nvidia.dali.pipeline import Pipeline
 
 from byol_fast.config import DataConfig, ReaderConfig, ViewConfig
 from pipelines.colour import BRIGHTNESS, CONTRAST, GREY, HUE, ORDERS, SATURATION, factor_range, hue_range
-from pipelines.decode import INTERP, build, decode, normalise, read_files
+from pipelines.decode import INTERP, build, decode, normalise, read
+from pipelines.shards import ShardList
 
 # ---------------------------------------------------------------------------- colour jitter + grayscale
 #
@@ -205,20 +206,16 @@ def two_view_graph(jpegs, data: DataConfig, reader: ReaderConfig, device: str):
 
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-def _pretrain_pipeline(files, labels, data: DataConfig, reader: ReaderConfig, device: str):
-    jpegs, label = read_files(files, labels)
-    views = two_view_graph(jpegs, data, reader, device)
-    return views if labels is None else (*views, label)
+def _pretrain_pipeline(source, data: DataConfig, reader: ReaderConfig, device: str):
+    return two_view_graph(read(source), data, reader, device)
 
 
-def build_pretrain_pipeline(files: list[str], data: DataConfig, reader: ReaderConfig, batch_size: int, device: str,
-                            device_id: int | None, seed: int, checkpoint: str | None = None,
-                            labels: list[int] | None = None) -> Pipeline:
-    """The two-view pipeline over ``files`` in the order given, built.
+def build_pretrain_pipeline(source: list[str] | ShardList, data: DataConfig, reader: ReaderConfig, batch_size: int,
+                            device: str, device_id: int | None, seed: int, checkpoint: str | None = None) -> Pipeline:
+    """The two-view pipeline over ``source`` (files, or samples of tar shards) in the order given, built.
 
     device_id = local rank (None for device="cpu"). ``run()`` returns (view1, view2), each
-    ``batch_size`` float32 HWC samples, and the int32 class labels (on the CPU) as a third output
-    when ``labels`` (one per file) are given. ``checkpoint`` resumes a pipeline exactly.
+    ``batch_size`` float32 HWC samples. ``checkpoint`` resumes a pipeline exactly.
     """
-    return build(_pretrain_pipeline, reader, batch_size, device, device_id, seed, checkpoint,
-                 files=files, labels=labels, data=data)
+    return build(_pretrain_pipeline, reader, batch_size, device, device_id, seed, checkpoint, source=source,
+                 data=data)

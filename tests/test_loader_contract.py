@@ -4,9 +4,13 @@ optimizer tests: one parametrised suite, every implementation through it.
 Files are 16 uniform grey PNGs whose grey level says which file a sample came from, and each file's
 label is its index, so a batch tells which files it holds twice over (pixels and labels); every
 augmentation is the identity or keeps a uniform image uniform. Ranks are loaders built with another
-Shard in one process (no process group is needed to decide which files a rank reads).
+Shard in one process (no process group is needed to decide which files a rank reads). The "-shards"
+kinds read the same files packed into tar shards (a few per tar, byol_fast.shards) through DALI's
+webdataset reader: there a sample's label is still its file's index.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +18,11 @@ import torch
 
 from byol_fast.classifier import FeatureLoader
 from byol_fast.config import DataConfig, LinearDataConfig
+from byol_fast.index import Index
+from byol_fast.shard_set import open_shard_set
+from byol_fast.shards import pack
 from conftest import IDENTITY, READER, save, smooth_texture
-from pipelines.contract import Shard, rank_files, steps_per_epoch
+from pipelines.contract import Shard, rank_files, shard_order, steps_per_epoch
 from pipelines.loader import DaliEvalLoader, DaliTwoViewLoader
 from pipelines.reference import TorchvisionEvalLoader, TorchvisionTwoViewLoader
 
@@ -23,7 +30,30 @@ S, BATCH, SEED = 32, 2, 5
 CPU = torch.device("cpu")
 TWO_VIEW = DataConfig(image_size=S, view1=IDENTITY, view2=IDENTITY)
 CROPS = LinearDataConfig(image_size=S, resize=S)
-LOADERS = ["dali-two-view", "torchvision-two-view", "dali-eval", "torchvision-eval", "cached-features"]
+LOADERS = ["dali-two-view", "torchvision-two-view", "dali-eval", "torchvision-eval", "cached-features",
+           "dali-two-view-shards", "dali-eval-shards"]
+_PACKED = {}
+
+
+def packed(files):
+    """The files packed into tar shards of at most 3 samples (9,000 bytes), label = file index."""
+    key = tuple(files)
+    if key not in _PACKED:
+        root = Path(files[0]).parent
+        kinds = ["PNG:RGB" if f.endswith(".png") else "JPEG:RGB" for f in files]
+        index = Index(str(root), list(files), list(range(len(files))), [str(i) for i in range(len(files))], kinds=kinds)
+        out = root / f"shards{len(_PACKED)}"
+        pack(index, out, shard_bytes=9000, seed=1, progress=False)
+        _PACKED[key] = open_shard_set(str(out))
+    return _PACKED[key]
+
+
+def expected_ids(kind: str, files, shard: Shard, epoch: int, train: bool = True) -> list[int]:
+    """The file indices rank ``shard`` reads in ``epoch``, from the contract's functions."""
+    if kind.endswith("-shards"):
+        shards = packed(files)
+        return [shards.labels[i] for i in shard_order(shards.samples.tar_of, BATCH, shard, epoch, SEED, train)]
+    return rank_files(len(files), BATCH, shard, epoch, SEED, train)
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +71,10 @@ def photos(tmp_path_factory):
 
 def make(kind: str, files, shard: Shard, train: bool = True, views: DataConfig = TWO_VIEW):
     labels = list(range(len(files)))
+    if kind.endswith("-shards"):
+        shards = packed(files)
+        files, labels = shards.samples, shards.labels
+        kind = kind[:-len("-shards")]
     if kind == "dali-two-view":
         return DaliTwoViewLoader(files, views, READER, BATCH, "cpu", shard, SEED, CPU, labels=labels)
     if kind == "torchvision-two-view":
@@ -97,7 +131,7 @@ def test_each_epoch_partitions_the_kept_files_in_equal_steps_and_reshuffles(grey
         assert len(set(everything)) == len(everything) == steps * BATCH * world  # no file twice
         assert 16 - len(everything) < BATCH * world  # fewer than one global batch left out
         for r, ids in enumerate(per_rank):  # the one function that says which files rank r reads
-            assert ids == rank_files(16, BATCH, Shard(r, world), epoch, SEED)
+            assert ids == expected_ids(kind, greys, Shard(r, world), epoch)
         epochs.append(everything)
     assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # reshuffled between epochs
 
@@ -125,7 +159,8 @@ def batches_of(loader) -> list[tuple]:
     return [tuple(t.clone() for t in b) for b in loader]
 
 
-@pytest.mark.parametrize("kind", ["dali-two-view", "torchvision-two-view", "dali-eval", "torchvision-eval"])
+@pytest.mark.parametrize("kind", ["dali-two-view", "torchvision-two-view", "dali-eval", "torchvision-eval",
+                                  "dali-two-view-shards", "dali-eval-shards"])
 def test_the_random_draws_resume_too(photos, kind):
     """The paper's views (two-view loaders) or random crops and flips (evaluation's training crops) on
     textured images: a state taken mid-epoch gives back the same pixels, not only the same files."""
@@ -163,7 +198,7 @@ def one_epoch_from(loader, step: int) -> list[list[int]]:
     return batches
 
 
-@pytest.mark.parametrize("kind", ["dali-eval", "torchvision-eval"])
+@pytest.mark.parametrize("kind", ["dali-eval", "torchvision-eval", "dali-eval-shards"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_evaluation_reads_every_file_once_over_the_ranks_in_equal_steps(greys, kind, world):
     files = greys[:5]  # 5 files, batch 2: shards of 1 or 2 files at 4 ranks, some last batches short or empty
@@ -173,4 +208,5 @@ def test_evaluation_reads_every_file_once_over_the_ranks_in_equal_steps(greys, k
     for _ in range(2):  # the same files in the next epoch
         per_rank = [[i for b in one_epoch(loader) for i in b] for loader in loaders]
         assert sorted(i for ids in per_rank for i in ids) == list(range(5))
-        assert [i for ids in per_rank for i in ids] == list(range(5))  # in order, rank after rank
+        in_order = [i for r in range(world) for i in expected_ids(kind, files, Shard(r, world), 0, train=False)]
+        assert [i for ids in per_rank for i in ids] == in_order  # in stored order, rank after rank
