@@ -7,7 +7,7 @@ whose readers take ``s3://`` URLs too. Both find the endpoint and credentials th
 ``AWS_SECRET_ACCESS_KEY`` (or ``AWS_PROFILE`` and ``~/.aws/credentials``), ``AWS_REGION``. byol_fast
 never takes them from its own config and never prints them.
 
-Every network call has a time-out (connect 5 s, read 30 s, two retries), so an endpoint that does
+Every network call has a time-out (connect 5 s, read 20 s, one retry), so an endpoint that does
 not answer is an error within seconds, never a hang. Errors are :class:`StoreError` (a
 ``DatasetError``), one line naming the URL and what to check.
 """
@@ -19,7 +19,7 @@ from functools import lru_cache
 from .index import DatasetError
 
 S3 = "s3://"
-CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 30, 3
+CONNECT_TIMEOUT_S, READ_TIMEOUT_S, ATTEMPTS = 5, 20, 2  # attempts in all: one retry
 
 
 class StoreError(DatasetError):

@@ -33,6 +33,16 @@ def write_noise_jpegs(root: Path, count: int = 16, seed: int = 0) -> Path:
     return root
 
 
+def pack_folder(images: Path, out: Path, shard_bytes: int) -> Path:
+    """An image folder packed into tar shards at ``out`` (byol_fast.shards, seed 0); returns ``out``."""
+    from byol_fast.index import build_index
+    from byol_fast.shards import pack
+
+    pack(build_index(images, workers=1, cache=False, progress=False), out, shard_bytes=shard_bytes, seed=0,
+         progress=False)
+    return out
+
+
 from byol_fast.config import ModelConfig, ReaderConfig, ViewConfig  # noqa: E402
 
 # The small network of the CPU tests, as a ModelConfig and as command-line overrides.

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CHILD_ENV, ROOT, SMALL, TINY_RUN, write_noise_jpegs
+from conftest import CHILD_ENV, ROOT, SMALL, TINY_RUN, pack_folder, write_noise_jpegs
 from PIL import Image
 
 from byol_fast import data, linear_eval
@@ -27,9 +27,7 @@ from byol_fast.train import knn_monitor
 def clean(tmp_path_factory):
     """12 noise JPEGs in two classes, packed 2-3 per tar (several shards)."""
     root = write_noise_jpegs(tmp_path_factory.mktemp("src") / "train", 12, seed=7)
-    out = tmp_path_factory.mktemp("packed") / "train"
-    pack(build_index(root, workers=1, cache=False, progress=False), out, shard_bytes=8000, seed=0, progress=False)
-    return out
+    return pack_folder(root, tmp_path_factory.mktemp("packed") / "train", 8000)
 
 
 @pytest.fixture
@@ -208,3 +206,21 @@ def test_linear_evaluation_reads_shards_and_separates_the_classes(separable, tmp
     assert doc["final"]["top1"] == 100.0  # dark vs bright: linearly separable
     # The torchvision loader reads folders only: a shard set with it is one line naming the key.
     assert linear_eval.main(list(map(str, args + ["--reader.loader=torchvision"]))) == 2
+
+
+@pytest.mark.gpu
+def test_the_gpu_decoder_reads_shards_as_it_reads_the_folder(separable):
+    """The same graph after the webdataset reader on the GPU (nvJPEG): the validation crops of every
+    image from shards equal those from the folder, image by image (matched by label and pixels)."""
+    from byol_fast.config import LinearDataConfig, ReaderConfig
+    from byol_fast.loaders import eval_loader
+
+    crops, reader = LinearDataConfig(image_size=32, resize=36), ReaderConfig(num_threads=2, decode="gpu")
+    seen = []
+    for root in separable:
+        loader = eval_loader(_dataset(root / "val"), False, crops, reader, 4, DistInfo(), torch.device("cuda"))
+        images, labels = zip(*[(x.cpu(), y.cpu()) for x, y in loader])
+        images, labels = torch.cat(images), torch.cat(labels)
+        key = images.flatten(1).sum(1).argsort()  # the same images in another order: sort by content
+        seen.append((images[key], labels[key]))
+    assert torch.equal(seen[0][1], seen[1][1]) and torch.equal(seen[0][0], seen[1][0])

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHILD_ENV, ROOT, TINY_RUN, ddp_env, write_noise_jpegs
+from conftest import CHILD_ENV, ROOT, TINY_RUN, ddp_env, pack_folder, write_noise_jpegs
 
 from byol_fast import train
 
@@ -19,13 +19,22 @@ RUN = TINY_RUN + ["--optim.batch_size=8", "--epochs=4", "--optim.warmup_epochs=1
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """16 small JPEGs in two class folders."""
-    return write_noise_jpegs(tmp_path_factory.mktemp("imgs"), 16, seed=1)
+    """16 small JPEGs in two class folders, and the same packed into tar shards beside them
+    (``<images>-shards``, 3-4 images a shard)."""
+    root = write_noise_jpegs(tmp_path_factory.mktemp("imgs"), 16, seed=1)
+    pack_folder(root, shards_of(root), 12000)
+    return root
+
+
+def shards_of(images: Path) -> Path:
+    return Path(f"{images}-shards")
 
 
 def train_cmd(images, out, launcher=(), loader="dali"):
+    """loader: dali (the image folder), torchvision (the folder, PIL), or shards (DALI, the tar shards)."""
     reader = ["--reader.loader=torchvision", "--reader.num_threads=0"] if loader == "torchvision" else []
-    return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, *reader, f"--data.path={images}",
+    data = shards_of(images) if loader == "shards" else images
+    return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, *reader, f"--data.path={data}",
             f"--out_dir={out}"]
 
 
@@ -77,7 +86,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("loader", ["dali", "torchvision"])
+@pytest.mark.parametrize("loader", ["dali", "torchvision", "shards"])
 def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, tmp_path, uninterrupted, loader):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(images, killed, loader=loader), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
@@ -129,7 +138,8 @@ def test_kill_9_during_a_background_checkpoint_write_keeps_the_previous_one(imag
     assert_same_weights(uninterrupted("dali"), weights(out / "last.pt"))
 
 
-@pytest.mark.parametrize("sig, loader", [(signal.SIGTERM, "dali"), (signal.SIGUSR1, "torchvision")])
+@pytest.mark.parametrize("sig, loader", [(signal.SIGTERM, "dali"), (signal.SIGUSR1, "torchvision"),
+                                         (signal.SIGTERM, "shards")])
 def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path, uninterrupted, sig, loader):
     out = tmp_path / "preempted"
     proc = subprocess.Popen(train_cmd(images, out, loader=loader), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
