@@ -11,7 +11,9 @@
 #      (ResNet-50 224 px) eager at batch 256, 384 and 512 (an OOM is recorded, not fatal) and
 #      compiled (default mode; max-autotune-no-cudagraphs last, with whatever time is left); the DALI
 #      two-view pipeline alone at hardware-decoder load 0.65 and 1.0; end to end, DALI -> the fastest
-#      step measured, with its data-wait fraction; the torchvision/PIL DataLoader on the same cores;
+#      step measured, with its data-wait fraction; the same DALI pipeline (load 0.65) reading the same
+#      images as a shard set (issue 12: packed once, its MB/s; shards / files); the torchvision/PIL
+#      DataLoader on the same cores;
 #      linear evaluation's step and end to end; the checkpoint pause; peak GPU memory of each;
 #   3. benchmarks/gpu_table.py: the short table, printed LAST, with the targets beside the figures.
 # Every figure lands as JSON under $OUT (default benchmarks/out): throughput.json, summary.json,
@@ -68,20 +70,23 @@ suite() {
             --model.predictor_hidden=256)
     stages="model:timeout=40,model:batch=12:timeout=40,model:batch=16:timeout=40"
     stages+=",model:compile=default:timeout=60,dali:hw=0.65:timeout=20,dali:hw=1.0:timeout=20"
-    stages+=",e2e-dali:step=best:timeout=40,torchvision:windows=1:timeout=30,linear:timeout=20"
+    stages+=",e2e-dali:step=best:timeout=40,shards:hw=0.65:timeout=20,torchvision:windows=1:timeout=30"
+    stages+=",linear:timeout=20"
     stages+=",e2e-linear:timeout=20,checkpoint:timeout=30,model:compile=max-autotune-no-cudagraphs:timeout=rest"
   else
     SUITE_SECONDS=${SUITE_SECONDS:-470}
     images=4000
     common=(--device cuda --windows 3 --window-seconds 2)
     # Order: the eager step first (batch 256, then the largest that fits), the compiled one (its
-    # compile is the long part), the loaders, end to end on the fastest step so far, then the rest;
+    # compile is the long part), the loaders, end to end on the fastest step so far, then the rest
+    # (the shard set first: its packing takes seconds, its figure is compared with dali:hw=0.65);
     # max-autotune-no-cudagraphs, whose autotuning can take minutes, last with what is left.
     # Torchvision at batch 64: its img/s is per-image CPU work, and 16 workers x 256 images per
     # batch at ~130 img/s would need half a minute per round of batches; 64 keeps it inside its box.
     stages="model:timeout=60,model:batch=384:timeout=45,model:batch=512:timeout=45"
     stages+=",model:compile=default:timeout=180,dali:hw=0.65:timeout=40,dali:hw=1.0:timeout=40"
-    stages+=",e2e-dali:step=best:timeout=75,torchvision:batch=64:windows=2:timeout=60,linear:timeout=40"
+    stages+=",e2e-dali:step=best:timeout=75,shards:hw=0.65:timeout=30,torchvision:batch=64:windows=2:timeout=60"
+    stages+=",linear:timeout=40"
     stages+=",e2e-linear:timeout=45,checkpoint:timeout=60,model:compile=max-autotune-no-cudagraphs:timeout=rest"
   fi
 

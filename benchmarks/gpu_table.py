@@ -96,8 +96,11 @@ def setting(st: dict, result: dict) -> str:
         mode = opts.get("compile", cfg.get("compile_mode", "default") if cfg.get("compile") else False)
         return (where + f"{cfg['model']['backbone']} {cfg['data']['image_size']} px, batch {batch}, "
                 f"{'compile ' + mode if mode else 'eager'}")
-    if name == "dali":
-        return f"hw decoder load {opts.get('hw', cfg['reader']['hw_decoder_load'])}, {threads} threads, batch {batch}"
+    if name in ("dali", "shards"):
+        what = f"hw decoder load {opts.get('hw', cfg['reader']['hw_decoder_load'])}, {threads} threads, batch {batch}"
+        if name == "shards" and st.get("shards"):
+            what += f", {st['shards']} shards of <= {st['shard_bytes'] / 1e6:,.1f} MB"
+        return what
     if name == "torchvision":
         return f"{threads} DataLoader workers, batch {batch}"
     if name in ("linear", "e2e-linear"):
@@ -145,6 +148,11 @@ def note(key: str, st: dict, result: dict) -> str:
         dali = max((rate(o) for o in stages.values() if o.get("stage") == "dali" and rate(o)), default=None)
         if dali:
             parts.append(f"DALI / this: {dali / rate(st):.1f}x")
+    elif name == "shards":
+        if st.get("vs_files") is not None:
+            parts.append(f"shards / files ({name_of(st['files_stage'])}) {st['vs_files']:.3f}")
+        if st.get("packed_here") and st.get("pack_mb_per_s") is not None:
+            parts.append(f"packed {st['packed_bytes'] / 1e6:,.0f} MB at {st['pack_mb_per_s']:,.0f} MB/s")
     elif name == "dali":
         step = max((rate(o) for o in stages.values() if o.get("stage") == "model" and rate(o)), default=None)
         if step:
@@ -213,6 +221,7 @@ def build(out: Path) -> tuple[str, dict]:
         vs = best_e2e.get("vs_step_alone") if best_e2e else None
         wait = best_e2e.get("data_wait_fraction") if best_e2e else None
         ck = result["ratios"].get("checkpoint_pause_ratio")
+        shards = result["ratios"].get("shards_vs_files_loader")
         checks = {
             "e2e_img_per_s": {"value": rate(best_e2e), "target": f">= {TARGET_E2E:,.0f}",
                               "met": None if best_e2e is None else rate(best_e2e) >= TARGET_E2E},
@@ -226,7 +235,8 @@ def build(out: Path) -> tuple[str, dict]:
                   f"- e2e img/s >= {TARGET_E2E:,.0f}: {num(rate(best_e2e))}{verdict(checks['e2e_img_per_s']['met'])}",
                   f"- e2e / step alone >= {TARGET_E2E_VS_STEP}: {num(vs, 3)}{verdict(checks['e2e_vs_step_alone']['met'])}",
                   f"- data wait < {pct(TARGET_DATA_WAIT)}: {pct(wait)}{verdict(checks['data_wait_fraction']['met'])}",
-                  f"- checkpoint pause ratio (background writer / synchronous save): {num(ck, 3)}"]
+                  f"- checkpoint pause ratio (background writer / synchronous save): {num(ck, 3)}",
+                  f"- DALI loader, shard set / the same files: {num(shards, 3)}"]
         best = result.get("best")
         if best:
             lines.append(f"- 8x V100 target ({target:,.0f} img/s), from the best measured configuration "

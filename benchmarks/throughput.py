@@ -9,16 +9,25 @@ What it measures, in one process, side by side on the same files and the same co
    :mod:`byol_fast.loaders`, as the drivers build theirs, from the config's ``reader`` section.
    Batches are taken where each loader delivers them (the GPU for DALI with ``--decode gpu``, host
    memory for the DataLoader).
-2. ``model``: the BYOL training step alone on synthetic device tensors, through
+2. ``shards``: the same images read as a shard set through the same DALI two-view pipeline, so that
+   files and shards are compared side by side (``vs_files``: its img/s over the ``dali`` stage's with
+   the same reader settings and batch, measured in the same run). The benchmark's index is packed by
+   :func:`byol_fast.shards.pack` into ``<bench-data>/scratch`` once per run (a later variant of the
+   same ``shard_size`` reads it again; removed at the end) and opened by
+   :func:`byol_fast.shard_set.open_shard_set`; the stage records the packing speed (``pack_mb_per_s``,
+   the source files read from the page cache, each shard fsynced), the shards and their sizes; its
+   peak memory leaves the packing processes out (``pack_host_peak_rss_gb``). Shard size:
+   ``shard_size=`` (e.g. ``shards:shard_size=64MB``), by default the data in about 8 shards.
+3. ``model``: the BYOL training step alone on synthetic device tensors, through
    :class:`byol_fast.learner.Learner` (the code ``byol_fast.train`` runs): both views, online
    forward/backward, target forward, LARS, EMA.
-3. ``e2e-dali``, ``e2e-torchvision``: loader -> device -> training step, and the fraction of the
+4. ``e2e-dali``, ``e2e-torchvision``: loader -> device -> training step, and the fraction of the
    time the training step waits for data.
-4. ``linear``, ``e2e-linear`` (``--linear``): linear evaluation's step
+5. ``linear``, ``e2e-linear`` (``--linear``): linear evaluation's step
    (:class:`byol_fast.classifier.LinearClassifier`: frozen encoder forward, linear layer
    forward/backward, SGD) on synthetic device tensors, and fed by linear evaluation's training
    loader (DALI: random resized crop + flip).
-5. ``checkpoint``: the training-loop pause of a checkpoint on the BYOL learner's state, measured by
+6. ``checkpoint``: the training-loop pause of a checkpoint on the BYOL learner's state, measured by
    ``benchmarks/checkpoint_pause.py``'s ``measure(state, directory, repeats)`` (imported only when the
    stage runs; if it is missing or fails, the stage records why and the others go on).
 
@@ -41,11 +50,12 @@ the figures exclude storage speed.
 Stage variants: ``--stages`` takes ``NAME[:key=value...]`` entries, so one process can measure
 settings side by side (``model,model:batch=512,model:compile=default,dali:hw=1.0,e2e-dali:step=best``):
 ``batch=N``, ``compile=off|MODE`` (a ``compile_mode`` of the config), ``hw=F`` (hardware-decoder load),
-``threads=N``, ``prefetch=N``, ``windows=N``, ``window_seconds=S``, ``warmup=N``, ``timeout=S|rest``
-(the stage's time box) and, for an end-to-end stage, ``step=best``: the training step of the fastest
-``model`` variant measured before it (its batch and compile mode; the very same compiled learner
-when it is still warm). ``--time-budget S`` bounds the whole run: each stage's box is cut so that
-the stages after it keep a share; a stage with no time left is skipped and says so.
+``threads=N``, ``prefetch=N``, ``shard_size=SIZE`` (the ``shards`` stage), ``windows=N``,
+``window_seconds=S``, ``warmup=N``, ``timeout=S|rest`` (the stage's time box) and, for an end-to-end
+stage, ``step=best``: the training step of the fastest ``model`` variant measured before it (its batch
+and compile mode; the very same compiled learner when it is still warm). ``--time-budget S`` bounds
+the whole run: each stage's box is cut so that the stages after it keep a share; a stage with no time
+left is skipped and says so.
 
 Any extra ``--section.key=value`` argument is a config override, as for ``byol_fast.train``
 (e.g. ``--data.interp=linear``, ``--reader.prefetch=3``). A stage that fails, runs out of GPU
@@ -96,6 +106,8 @@ from byol_fast.loaders import eval_loader, two_view_loader  # noqa: E402
 from byol_fast.model import build_encoder  # noqa: E402
 from byol_fast.runtime import resolve_device, resolve_precision, to_device  # noqa: E402
 from byol_fast.schedules import scaled_lr  # noqa: E402
+from byol_fast.shard_set import open_shard_set  # noqa: E402
+from byol_fast.shards import pack, parse_size  # noqa: E402
 
 # byol_fast/REFERENCE.md section 2: BYOL ResNet-50 224 px on 8x V100 with AMP (compute bound), and the
 # linear-evaluation figure DeepSparkHub reports for its mmpretrain-based BYOL recipe on 8 GPUs.
@@ -105,11 +117,12 @@ TARGET_LINEAR_8GPU = 5408.0
 PEERS = {"BYOL 1x V100 AMP (anchor)": 450.0, "BYOL 1x A100 AMP (anchor)": 926.0,
          "BYOL 8x V100 AMP (target)": TARGET_BYOL_8XV100}
 
-STAGES = ("dali", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear", "checkpoint")
+STAGES = ("dali", "shards", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear", "checkpoint")
 LINEAR_STAGES = ("linear", "e2e-linear")
 OPT_IN_STAGES = LINEAR_STAGES + ("checkpoint",)  # not in the default list
 LABELS = {
     "dali": "DALI two-view loader",
+    "shards": "DALI two-view loader, shard set",
     "torchvision": "torchvision/PIL loader",
     "model": "training step (synthetic)",
     "e2e-dali": "end to end, DALI",
@@ -242,14 +255,21 @@ def _compile(v: str):
     return False if v in ("off", "false", "eager") else v  # a mode name, checked by the config
 
 
+def _size(v: str) -> int:
+    try:
+        return parse_size(v)
+    except ValueError:
+        raise ValueError("not a size (e.g. 64MB, 256MiB, 1GB)") from None
+
+
 def _step(v: str):
     if v != "best":
         raise ValueError("only 'best' (the fastest model variant measured before this stage)")
     return v
 
 
-LOADER_STAGES = ("dali", "torchvision", "e2e-dali", "e2e-torchvision", "e2e-linear")
-DALI_STAGES = ("dali", "e2e-dali", "e2e-linear")
+LOADER_STAGES = ("dali", "shards", "torchvision", "e2e-dali", "e2e-torchvision", "e2e-linear")
+DALI_STAGES = ("dali", "shards", "e2e-dali", "e2e-linear")
 # key -> (converter, stages it applies to): an option a stage would ignore is refused, not silently dropped.
 STAGE_OPTIONS = {
     "batch": (_int(1), STAGES),
@@ -258,6 +278,7 @@ STAGE_OPTIONS = {
     "hw": (_float_in(0.0, 1.0), DALI_STAGES),
     "threads": (_int(1), LOADER_STAGES),
     "prefetch": (_int(1), DALI_STAGES),
+    "shard_size": (_size, ("shards",)),
     "windows": (_int(1), STAGES),
     "window_seconds": (_float_in(0.0, 1e6, open_lo=True), STAGES),
     "warmup": (_int(0), STAGES),
@@ -402,7 +423,7 @@ class HostPeak:
     """Peak resident memory of this process tree while the ``with`` block runs, sampled every 0.1 s."""
 
     def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self._stop, self._lock, self._round = 0, threading.Event(), threading.Lock(), 0
         self._ok = Path(f"/proc/{os.getpid()}/statm").exists()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -410,9 +431,20 @@ class HostPeak:
 
     def _sample(self):
         while self._ok:
-            self.peak = max(self.peak, _tree_rss(os.getpid()))
+            started, rss = self._round, _tree_rss(os.getpid())
+            with self._lock:
+                if started == self._round:  # not a sample taken before a restart
+                    self.peak = max(self.peak, rss)
             if self._stop.wait(0.1):
                 break
+
+    def restart(self) -> int:
+        """The peak so far; from here on the peak starts again from the present resident memory, so
+        that a stage's set-up (the packing processes of the shards stage) stays out of its figure."""
+        now = _tree_rss(os.getpid()) if self._ok else 0
+        with self._lock:
+            peak, self.peak, self._round = max(self.peak, now), now, self._round + 1
+        return peak
 
     def __exit__(self, *exc):
         self._stop.set()
@@ -571,10 +603,17 @@ def reader_for(kind: str, cfg):
     return dataclasses.replace(cfg.reader, loader=kind)
 
 
-def pretrain_loader(kind: str, data, cfg, device: torch.device):
-    """The two-view loader byol_fast.train builds (byol_fast.loaders), for a world of one."""
-    return two_view_loader(data["index"], cfg.data, reader_for(kind, cfg), cfg.optim.batch_size, DistInfo(), device,
+def pretrain_loader(kind: str, dataset, cfg, device: torch.device):
+    """The two-view loader byol_fast.train builds (byol_fast.loaders), for a world of one, over
+    ``dataset``: the benchmark's index (its files) or a shard set."""
+    return two_view_loader(dataset, cfg.data, reader_for(kind, cfg), cfg.optim.batch_size, DistInfo(), device,
                            cfg.seed)
+
+
+def loader_signature(kind: str, cfg) -> dict:
+    """What makes two loader stages the same pipeline (reader settings, batch): a shards figure is
+    compared with the files figure of the same signature (dali stage), never with another setting."""
+    return {"reader": dataclasses.asdict(reader_for(kind, cfg)), "batch": cfg.optim.batch_size}
 
 
 def worker_rounds(kind: str, cfg) -> int:
@@ -604,15 +643,77 @@ def measure_fed(loader, move, train, cfg, device, s, label: str, rounds: int = 1
         stream.close()
 
 
-def stage_loader(kind: str, data, cfg, device, s) -> dict:
-    stream = endless(pretrain_loader(kind, data, cfg, device))
+def stage_loader(kind: str, dataset, cfg, device, s, label: str | None = None) -> dict:
+    """A loader alone (``kind``: dali | torchvision) over ``dataset`` (files or a shard set)."""
+    stream = endless(pretrain_loader(kind, dataset, cfg, device))
     try:
-        out = measure(lambda: next(stream), cfg.optim.batch_size, device_sync(device), s, kind,
+        out = measure(lambda: next(stream), cfg.optim.batch_size, device_sync(device), s, label or kind,
                       rounds=worker_rounds(kind, cfg))
     finally:
         stream.close()
     where = f"DALI on {cfg.reader.decode}" if kind == "dali" else f"{cfg.reader.num_threads} DataLoader workers"
-    return {**out, "where": where}
+    return {**out, "where": where, "loader": loader_signature(kind, cfg)}
+
+
+DEFAULT_SHARDS = 8  # without shard_size=: the benchmark's images in about this many shards
+
+
+def default_shard_bytes(index) -> int:
+    """An eighth of the index's bytes (at least 1 MB, at most the CLI's 1 GB), so that even a small
+    benchmark set reads from several shards."""
+    total = sum(os.path.getsize(f) for f in index.files)
+    return min(10**9, max(10**6, math.ceil(total / DEFAULT_SHARDS)))
+
+
+def packed_shards(data: dict, cfg, s: dict, shard_bytes: int) -> tuple[object, dict]:
+    """The benchmark's index as a shard set of ``shard_bytes`` shards (byol_fast.shards.pack), packed
+    once per run in a new folder under the scratch folder and opened (and checked) by
+    byol_fast.shard_set; a later stage asking for the same size gets the same set. Returns the set and
+    what packing it measured (``packed_here``: False for a later stage reading a set packed before)."""
+    sets = data.setdefault("shard_sets", {})
+    fresh = shard_bytes not in sets
+    if fresh:
+        scratch = Path(data["scratch"])
+        scratch.mkdir(parents=True, exist_ok=True)
+        # On the benchmark's disk (bench_data/, as a real shard set would be), not /tmp, which may be RAM.
+        folder = Path(tempfile.mkdtemp(prefix="shards_", dir=scratch))
+        sets[shard_bytes] = (folder, None, None)  # removed at the end of the run even if packing fails
+        workers = cfg.reader.index_workers or s["cores"]
+        log(f"  packing {len(data['index'].files)} images into shards of at most {shard_bytes / 1e6:.1f} MB "
+            f"({workers} processes) under {folder}")
+        t = time.perf_counter()
+        manifest = pack(data["index"], folder, shard_bytes, s["seed"], workers, progress=False)
+        pack_seconds = time.perf_counter() - t
+        host = s.get("host_peak")
+        pack_peak = host.restart() if host else None  # the pool's forked processes: not the reader's memory
+        t = time.perf_counter()
+        shard_set = open_shard_set(str(folder))
+        sizes = [sh["bytes"] for sh in manifest["shards"]]
+        record = {"pack_mb_per_s": manifest["packed_mb_per_s"], "pack_seconds": pack_seconds,
+                  "pack_host_peak_rss_gb": None if pack_peak is None else pack_peak / 2**30,
+                  "open_seconds": time.perf_counter() - t, "shard_bytes": shard_bytes, "shards": len(sizes),
+                  "shard_sizes_bytes": sizes, "packed_bytes": sum(sizes), "packed_samples": manifest["num_samples"],
+                  "num_samples": len(shard_set), "shard_set": str(folder)}
+        log(f"  {record['packed_samples']} images, {sum(sizes) / 1e6:.1f} MB in {len(sizes)} shards, packed at "
+            f"{record['pack_mb_per_s']:.1f} MB/s ({pack_seconds:.1f} s)")
+        sets[shard_bytes] = (folder, shard_set, record)
+    folder, shard_set, record = sets[shard_bytes]
+    if shard_set is None:
+        raise StageUnavailable(f"packing {folder} failed in an earlier stage")
+    return shard_set, {**record, "packed_here": fresh}
+
+
+def remove_shard_sets(data: dict) -> None:
+    """The shard sets packed in this run: removed once every stage has run."""
+    for folder, _, _ in data.pop("shard_sets", {}).values():
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def stage_shards(data, cfg, device, s, shard_bytes: int | None) -> dict:
+    """The ``dali`` stage's loader and measurement over the same images packed as a shard set."""
+    shard_set, record = packed_shards(data, cfg, s, shard_bytes or default_shard_bytes(data["index"]))
+    out = stage_loader("dali", shard_set, cfg, device, s, "shards")
+    return {**out, **record, "where": f"DALI on {cfg.reader.decode}, {record['shards']} shards"}
 
 
 def synthetic_views(cfg, device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -703,7 +804,7 @@ def stage_e2e(kind: str, data, cfg, device, s, key, best: str | None = None) -> 
         if cfg.compile:
             fresh_compile(data)
         (learner, lr, tau), reused = new_learner(cfg, device), False
-    out = measure_fed(pretrain_loader(kind, data, cfg, device),
+    out = measure_fed(pretrain_loader(kind, data["index"], cfg, device),
                       lambda views: tuple(to_device(v, device, cfg.channels_last) for v in views),
                       lambda views: learner.step([views], lr, tau), cfg, device, s, key,
                       rounds=worker_rounds(kind, cfg))
@@ -898,8 +999,9 @@ def run_stage(key: str, run: dict, device) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     data = run["shared"]
-    fn = {"dali": lambda: stage_loader("dali", data, cfg, device, st),
-          "torchvision": lambda: stage_loader("torchvision", data, cfg, device, st),
+    fn = {"dali": lambda: stage_loader("dali", data["index"], cfg, device, st),
+          "shards": lambda: stage_shards(data, cfg, device, st, opts.get("shard_size")),
+          "torchvision": lambda: stage_loader("torchvision", data["index"], cfg, device, st),
           "model": lambda: stage_model(data, cfg, device, st, key),
           "e2e-dali": lambda: stage_e2e("dali", data, cfg, device, st, key, best),
           "e2e-torchvision": lambda: stage_e2e("torchvision", data, cfg, device, st, key, best),
@@ -909,6 +1011,7 @@ def run_stage(key: str, run: dict, device) -> dict:
     t = time.perf_counter()
     box = {"fired": False}
     with HostPeak() as host:
+        st["host_peak"] = host  # for HostPeak.restart: the shards stage leaves its packing out of its peak
         try:
             with alarm(limit, box):
                 out = fn()
@@ -989,6 +1092,17 @@ def link_steps(stages: dict) -> None:
             st["vs_step_alone"] = _rate(st) / _rate(stages[alone]) if alone else None
 
 
+def link_files(stages: dict) -> None:
+    """Each shards stage gets ``vs_files``: its img/s over that of the dali stage with the same loader
+    signature (reader settings, batch), measured in the same run (1.0: shards read as fast as files);
+    ``files_stage`` names it. None when no such dali stage was measured."""
+    for st in stages.values():
+        if st.get("stage") == "shards" and _rate(st):
+            files = best_stage(stages, "dali", lambda d: d.get("loader") == st["loader"])
+            st["files_stage"] = files
+            st["vs_files"] = _rate(st) / _rate(stages[files]) if files else None
+
+
 def checkpoint_ratio(figures: dict | None) -> float | None:
     """checkpoint_pause.measure's ratio (pause with the background writer / synchronous save):
     ``pause_over_sync``, else the one numeric key that reads as a ratio."""
@@ -1013,6 +1127,8 @@ def ratios(stages: dict) -> dict:
         best = best_stage(stages, name)
         return stages[best].get("vs_step_alone") if best else None
 
+    shards = best_stage(stages, "shards", lambda st: st.get("vs_files") is not None)
+
     best_e2e = max((v for v in (med("e2e-dali"), med("e2e-torchvision")) if v), default=None)
     compiled = best_stage(stages, "model", lambda st: bool((st.get("step") or {}).get("compile")))
     eager = None
@@ -1021,6 +1137,7 @@ def ratios(stages: dict) -> dict:
         eager = best_stage(stages, "model", lambda st: st.get("step") == sig)
     return {
         "dali_vs_torchvision_loader": div(med("dali"), med("torchvision")),
+        "shards_vs_files_loader": stages[shards]["vs_files"] if shards else None,
         "e2e_dali_vs_model": e2e_vs_step("e2e-dali"),
         "e2e_torchvision_vs_model": e2e_vs_step("e2e-torchvision"),
         "e2e_dali_vs_e2e_torchvision": div(med("e2e-dali"), med("e2e-torchvision")),
@@ -1037,6 +1154,7 @@ def ratios(stages: dict) -> dict:
 
 RATIO_TEXT = {
     "dali_vs_torchvision_loader": "DALI loader / torchvision loader",
+    "shards_vs_files_loader": "DALI loader: shard set / the same images as files (same reader settings)",
     "e2e_dali_vs_model": "end to end DALI / training step alone (the same step)",
     "e2e_torchvision_vs_model": "end to end torchvision / training step alone (the same step)",
     "e2e_dali_vs_e2e_torchvision": "end to end DALI / end to end torchvision",
@@ -1105,6 +1223,22 @@ def render(result: dict) -> str:
             mem = f"gpu {st['gpu_peak_allocated_gb']:.2f} (device {st['gpu_used_gb']:.2f}), " + mem
         wait = _fmt(st.get("data_wait_fraction"), 3)
         lines.append(f"| {name} | {r['median']:.1f} | {r['min']:.1f} | {r['max']:.1f} | {wait} | {mem} |")
+    packed = [(k, st) for k, st in result["stages"].items() if st.get("stage") == "shards"]
+    if packed:
+        lines += ["", "## Shard set (the same images, packed in this run)", ""]
+        for key, st in packed:
+            if st.get("packed_samples") is None:
+                lines.append(f"- {key}: {st.get('status')}: {st['error']}")
+                continue
+            sizes = st["shard_sizes_bytes"]
+            line = (f"- {key}: {st['packed_samples']} images, {st['packed_bytes'] / 1e6:.1f} MB in {st['shards']} "
+                    f"shards ({min(sizes) / 1e6:.1f}-{max(sizes) / 1e6:.1f} MB, limit {st['shard_bytes'] / 1e6:.1f} "
+                    f"MB), " + (f"packed at {st['pack_mb_per_s']:.1f} MB/s ({st['pack_seconds']:.1f} s)"
+                                if st["packed_here"] else "packed by an earlier stage"))
+            if st.get("vs_files") is not None:
+                line += (f"; read at {_rate(st):.1f} img/s = {st['vs_files']:.3f} x {st['files_stage']} "
+                         f"({_rate(result['stages'][st['files_stage']]):.1f} img/s from the files)")
+            lines.append(line)
     ck = next((st for st in result["stages"].values() if st.get("stage") == "checkpoint"), None)
     if ck:
         lines += ["", "## Checkpoint pause", ""]
@@ -1133,8 +1267,8 @@ def plot(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"dali": "#1f77b4", "torchvision": "#9ecae1", "model": "#ff7f0e", "e2e-dali": "#2ca02c",
-               "e2e-torchvision": "#98df8a", "linear": "#9467bd", "e2e-linear": "#c5b0d5"}
+    colours = {"dali": "#1f77b4", "shards": "#17becf", "torchvision": "#9ecae1", "model": "#ff7f0e",
+               "e2e-dali": "#2ca02c", "e2e-torchvision": "#98df8a", "linear": "#9467bd", "e2e-linear": "#c5b0d5"}
     names, med, lo, hi, cols = [], [], [], [], []
     for key, st in result["stages"].items():
         name = st.get("stage", key)
@@ -1203,6 +1337,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def assemble(complete: bool) -> dict:
         link_steps(stages)
+        link_files(stages)
         return {"settings": s, "environment": env, "config": to_dict(cfg), "dataset": dataset,
                 "command": " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else argv,
                 "complete": complete, "stages": stages, "ratios": ratios(stages), "best": best_configuration(stages),
@@ -1216,9 +1351,12 @@ def main(argv: list[str] | None = None) -> int:
             tmp.write_text(json.dumps(result, indent=1) + "\n")
             os.replace(tmp, path)
 
-    for key in s["stages"]:
-        stages[key] = run_stage(key, run, device)
-        write(assemble(complete=False))  # what is measured survives an outer timeout
+    try:
+        for key in s["stages"]:
+            stages[key] = run_stage(key, run, device)
+            write(assemble(complete=False))  # what is measured survives an outer timeout
+    finally:
+        remove_shard_sets(run["shared"])
     run["shared"]["kept"] = None
     env["loadavg_end"] = _loadavg()
     result = assemble(complete=True)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import sys
 import tarfile
@@ -96,6 +97,18 @@ def _member_bytes(size: int) -> int:
     return _TAR_BLOCK + -(-size // _TAR_BLOCK) * _TAR_BLOCK
 
 
+def tar_bytes(members: int) -> int:
+    """Size of a tar whose members take ``members`` bytes: two end-of-archive blocks, then padding
+    to whole records of 20 blocks (as tarfile writes it)."""
+    record = tarfile.RECORDSIZE
+    return -(-(members + 2 * _TAR_BLOCK) // record) * record
+
+
+def sample_bytes(s: Sample) -> int:
+    """Bytes one sample takes in a tar: its image and its label, headers and padding included."""
+    return _member_bytes(os.path.getsize(s.path)) + _member_bytes(len(str(s.label)))
+
+
 def plan(samples: list[Sample], shard_bytes: int, seed: int) -> list[list[tuple[int, Sample]]]:
     """Shards as lists of (key, sample): a seeded permutation of the samples, cut greedily so that no
     shard exceeds ``shard_bytes`` (a sample larger than that gets a shard of its own)."""
@@ -103,8 +116,8 @@ def plan(samples: list[Sample], shard_bytes: int, seed: int) -> list[list[tuple[
     shards, current, used = [], [], 0
     for key, i in enumerate(order.tolist()):
         s = samples[i]
-        need = _member_bytes(os.path.getsize(s.path)) + _member_bytes(len(str(s.label)))
-        if current and used + need + 2 * _TAR_BLOCK > shard_bytes:  # + the two end-of-archive blocks
+        need = sample_bytes(s)
+        if current and tar_bytes(used + need) > shard_bytes:
             shards.append(current)
             current, used = [], 0
         current.append((key, s))
@@ -229,15 +242,15 @@ def pack(index: Index, out: str | Path, shard_bytes: int = 10**9, seed: int = 0,
     shards = plan(samples, shard_bytes, seed)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"shard-{k:06d}.tar" for k in range(len(shards))]
-    meter = _Progress(sum(sum(_member_bytes(os.path.getsize(s.path)) for _, s in sh) for sh in shards),
-                      len(shards), progress)
+    meter = _Progress(sum(tar_bytes(sum(sample_bytes(s) for _, s in sh)) for sh in shards), len(shards), progress)
     results = []
     if workers <= 1:
         for members, name in zip(shards, names):
             results.append(write_shard(members, str(out / name)))
             meter.add(results[-1]["bytes"])
     else:
-        with ProcessPoolExecutor(workers) as pool:
+        # forkserver: the caller may hold threads (torch, DALI) that a fork would copy mid-lock.
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
             for r in pool.map(write_shard, shards, [str(out / n) for n in names]):
                 results.append(r)
                 meter.add(r["bytes"])

@@ -5,7 +5,7 @@ Files are 16 uniform grey PNGs whose grey level says which file a sample came fr
 label is its index, so a batch tells which files it holds twice over (pixels and labels); every
 augmentation is the identity or keeps a uniform image uniform. Ranks are loaders built with another
 Shard in one process (no process group is needed to decide which files a rank reads). The "-shards"
-kinds read the same files packed into tar shards (a few per tar, byol_fast.shards) through DALI's
+kinds read the same files packed into tar shards (several per tar, byol_fast.shards) through DALI's
 webdataset reader: there a sample's label is still its file's index.
 """
 from __future__ import annotations
@@ -36,14 +36,14 @@ _PACKED = {}
 
 
 def packed(files):
-    """The files packed into tar shards of at most 3 samples (9,000 bytes), label = file index."""
+    """The files packed into tar shards of one 10 KiB tar record (4 grey PNGs, 2 photos), label = file index."""
     key = tuple(files)
     if key not in _PACKED:
         root = Path(files[0]).parent
         kinds = ["PNG:RGB" if f.endswith(".png") else "JPEG:RGB" for f in files]
         index = Index(str(root), list(files), list(range(len(files))), [str(i) for i in range(len(files))], kinds=kinds)
         out = root / f"shards{len(_PACKED)}"
-        pack(index, out, shard_bytes=9000, seed=1, progress=False)
+        pack(index, out, shard_bytes=10240, seed=1, progress=False)
         _PACKED[key] = open_shard_set(str(out))
     return _PACKED[key]
 

@@ -86,7 +86,7 @@ def aws(server, tmp_path, monkeypatch):
 def local(tmp_path_factory):
     """16 noise JPEGs in two classes, packed 3-4 per tar."""
     root = write_noise_jpegs(tmp_path_factory.mktemp("src") / "train", 16, seed=5)
-    return pack_folder(root, tmp_path_factory.mktemp("packed") / "train", 12000)
+    return pack_folder(root, tmp_path_factory.mktemp("packed") / "train", 20480)
 
 
 @pytest.fixture(scope="module")

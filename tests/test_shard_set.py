@@ -25,9 +25,9 @@ from byol_fast.train import knn_monitor
 
 @pytest.fixture(scope="module")
 def clean(tmp_path_factory):
-    """12 noise JPEGs in two classes, packed 2-3 per tar (several shards)."""
-    root = write_noise_jpegs(tmp_path_factory.mktemp("src") / "train", 12, seed=7)
-    return pack_folder(root, tmp_path_factory.mktemp("packed") / "train", 8000)
+    """18 noise JPEGs in two classes, packed 4 to a tar (5 shards)."""
+    root = write_noise_jpegs(tmp_path_factory.mktemp("src") / "train", 18, seed=7)
+    return pack_folder(root, tmp_path_factory.mktemp("packed") / "train", 20480)
 
 
 @pytest.fixture
@@ -47,8 +47,8 @@ def refused(path, *words) -> str:
 def test_a_clean_set_opens_with_every_sample_and_label(clean):
     s = open_shard_set(str(clean))
     manifest = json.loads((clean / MANIFEST).read_text())
-    assert len(s) == 12 == manifest["num_samples"] and s.classes == ["c0", "c1"]
-    assert sorted(s.labels) == [0] * 6 + [1] * 6
+    assert len(s) == 18 == manifest["num_samples"] and s.classes == ["c0", "c1"]
+    assert sorted(s.labels) == [0] * 9 + [1] * 9
     assert len(manifest["shards"]) >= 4 and len(set(s.samples.tar_of.tolist())) == len(manifest["shards"])
 
 
@@ -73,7 +73,7 @@ def test_a_missing_index_file_is_refused_naming_it(shards):
 def test_a_stale_index_file_is_refused_naming_it(shards, tmp_path):
     src = build_index(_source_of(shards), workers=1, cache=False, progress=False)
     other = tmp_path / "other"
-    pack(src, other, shard_bytes=8000, seed=99, progress=False)  # another order: other offsets, names
+    pack(src, other, shard_bytes=20480, seed=99, progress=False)  # another order: other offsets, names
     shutil.copy(other / "shard-000001.idx", shards / "shard-000001.idx")
     refused(shards, "shard-000001.idx")
 
@@ -111,7 +111,7 @@ def test_a_manifest_that_does_not_match_the_files_is_refused(shards, mistake):
 
 def test_verify_finds_a_damaged_image_that_only_every_byte_shows(shards, capsys):
     assert data.main(["verify", str(shards)]) == 0
-    assert "12 samples match the manifest" in capsys.readouterr().out
+    assert "18 samples match the manifest" in capsys.readouterr().out
     s = open_shard_set(str(shards))
     i = 3
     tar = s.samples.tars[s.samples.tar_of[i]]
@@ -165,7 +165,7 @@ def separable(tmp_path_factory):
             for i in range(n):
                 pixels = (base + 30 * torch.randn(40, 48, 3, generator=g)).clamp(0, 255).to(torch.uint8)
                 Image.fromarray(pixels.numpy()).save(folder / f"{i}.jpg", quality=90)
-    assert data.main(["shards", str(root / "images"), str(root / "shards"), "--shard-size", "10KB",
+    assert data.main(["shards", str(root / "images"), str(root / "shards"), "--shard-size", "20KiB",
                       "--workers", "1"]) == 0
     return root / "images", root / "shards"
 

@@ -22,7 +22,7 @@ def images(tmp_path_factory):
     """16 small JPEGs in two class folders, and the same packed into tar shards beside them
     (``<images>-shards``, 3-4 images a shard)."""
     root = write_noise_jpegs(tmp_path_factory.mktemp("imgs"), 16, seed=1)
-    pack_folder(root, shards_of(root), 12000)
+    pack_folder(root, shards_of(root), 20480)
     return root
 
 

@@ -15,14 +15,18 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
 
+from byol_fast.index import load_index
+
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
-BASE_STAGES = ["dali", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear"]
-VARIANTS = ["model:batch=4", "e2e-dali:step=best", "checkpoint"]  # the suite's kinds of entry
+BASE_STAGES = ["dali", "shards", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear"]
+# the suite's kinds of entry; shards:shard_size=1MB asks for the set the plain shards stage packed
+VARIANTS = ["model:batch=4", "e2e-dali:step=best", "shards:shard_size=1MB", "checkpoint"]
 ALL_STAGES = BASE_STAGES + VARIANTS
 E2E_STAGES = ["e2e-dali", "e2e-torchvision", "e2e-linear", "e2e-dali:step=best"]
 # Ratios that need a stage this run does not have (a compiled step).
@@ -157,6 +161,32 @@ def test_variants_and_the_best_step(run):
     assert "| model:batch=4 |" in stdout
 
 
+def test_shards_stage_reads_the_files_of_the_dali_stage_as_shards(run):
+    """The shards stage packs the very images the dali stage reads (counted here from a fresh index of
+    the generated folder), records the packing, reads them through the same DALI pipeline and is
+    compared with the dali stage of the same settings; a later variant of the same size reads the
+    set packed before; the packed sets are gone after the run."""
+    stdout, result, out = run
+    stages = result["stages"]
+    files = len(load_index(Path(result["dataset"]["source"]) / "train").files)
+    assert files == result["dataset"]["num_images"] == 40
+    sh = stages["shards"]
+    assert sh["packed_samples"] == sh["num_samples"] == files
+    assert sh["pack_mb_per_s"] > 0 and sh["pack_seconds"] > 0 and sh["packed_here"] is True
+    # 40 images of ~110 KB: the default (an eighth of the data) is below its 1 MB floor
+    assert sh["shard_bytes"] == 10**6 and sh["shards"] == len(sh["shard_sizes_bytes"]) >= 2
+    assert sum(sh["shard_sizes_bytes"]) == sh["packed_bytes"] and max(sh["shard_sizes_bytes"]) <= 10**6
+    assert sh["loader"] == stages["dali"]["loader"] and sh["loader"]["reader"]["loader"] == "dali"
+    assert sh["files_stage"] == "dali"
+    assert sh["vs_files"] == pytest.approx(sh["img_per_s"]["median"] / stages["dali"]["img_per_s"]["median"])
+    again = stages["shards:shard_size=1MB"]
+    assert again["packed_here"] is False and again["shard_set"] == sh["shard_set"] and again["vs_files"] > 0
+    best = max(["shards", "shards:shard_size=1MB"], key=lambda k: stages[k]["img_per_s"]["median"])
+    assert result["ratios"]["shards_vs_files_loader"] == pytest.approx(stages[best]["vs_files"])
+    assert "## Shard set" in stdout and "- shards: 40 images, " in stdout
+    assert not list((out / "bench_data" / "scratch").glob("shards_*"))  # removed at the end of the run
+
+
 def test_checkpoint_stage(run):
     """The checkpoint stage hands the BYOL learner's state to checkpoint_pause.measure and keeps what
     it returns; the pause ratio is read from it."""
@@ -198,6 +228,7 @@ def test_stage_entries_are_checked(tp):
     assert tp.parse_stage("model:batch=384:compile=max-autotune-no-cudagraphs:timeout=rest") == (
         "model", {"batch": 384, "compile": "max-autotune-no-cudagraphs", "timeout": "rest"})
     assert tp.parse_stage("dali:hw=1.0") == ("dali", {"hw": 1.0})
+    assert tp.parse_stage("shards:shard_size=64MB:threads=2") == ("shards", {"shard_size": 64 * 10**6, "threads": 2})
     assert tp.stage_overrides({"batch": 384, "compile": False, "hw": 0.5}) == {
         "optim": {"batch_size": 384}, "compile": False, "reader": {"hw_decoder_load": 0.5}}
     # --compile-mode passes through to the config as --compile does, and implies it
@@ -209,7 +240,8 @@ def test_stage_entries_are_checked(tp):
     assert cfg.compile is False  # a variant can turn it off again
     for bad, words in [("modle", "unknown stage"), ("model:hw=1.0", "does not apply"), ("dali:hw=1.5", "must be in"),
                        ("e2e-dali:step=worst", "only 'best'"), ("model:size=3", "not key=value"),
-                       ("model:batch=0", ">= 1")]:
+                       ("model:batch=0", ">= 1"), ("shards:shard_size=big", "not a size"),
+                       ("dali:shard_size=64MB", "does not apply")]:
         with pytest.raises(tp.ConfigError, match=words):
             tp.parse_stage(bad)
 
@@ -310,6 +342,7 @@ def test_suite_table_from_the_run(run, tmp_path):
               key=lambda st: st["img_per_s"]["median"])
     assert f"- e2e / step alone >= 0.97: {e2e['vs_step_alone']:,.3f}" in text
     assert "- data wait < 3.0%: " in text and "GPUs like this one match it" in text
+    assert f"- DALI loader, shard set / the same files: {result['ratios']['shards_vs_files_loader']:.3f}" in text
     summary = json.loads((out / "summary.json").read_text())
     assert summary["targets"]["data_wait_fraction"]["value"] == pytest.approx(e2e["data_wait_fraction"])
     assert summary["throughput"]["complete"] is False and summary["wall_seconds"] == 420
