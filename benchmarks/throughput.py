@@ -16,7 +16,7 @@ What it measures, in one process, side by side on the same files and the same co
    same ``shard_size`` reads it again; removed at the end) and opened by
    :func:`byol_fast.shard_set.open_shard_set`; the stage records the packing speed (``pack_mb_per_s``,
    the source files read from the page cache, each shard fsynced), the shards and their sizes; its
-   peak memory leaves the packing processes out (``pack_host_peak_rss_gb``). Shard size:
+   peak memory leaves the packing out (``pack_host_peak_rss_gb``). Shard size:
    ``shard_size=`` (e.g. ``shards:shard_size=64MB``), by default the data in about 8 shards.
 3. ``model``: the BYOL training step alone on synthetic device tensors, through
    :class:`byol_fast.learner.Learner` (the code ``byol_fast.train`` runs): both views, online
@@ -440,7 +440,7 @@ class HostPeak:
 
     def restart(self) -> int:
         """The peak so far; from here on the peak starts again from the present resident memory, so
-        that a stage's set-up (the packing processes of the shards stage) stays out of its figure."""
+        that a stage's set-up (the packing of the shards stage) stays out of its figure."""
         now = _tree_rss(os.getpid()) if self._ok else 0
         with self._lock:
             peak, self.peak, self._round = max(self.peak, now), now, self._round + 1
@@ -680,12 +680,12 @@ def packed_shards(data: dict, cfg, s: dict, shard_bytes: int) -> tuple[object, d
         sets[shard_bytes] = (folder, None, None)  # removed at the end of the run even if packing fails
         workers = cfg.reader.index_workers or s["cores"]
         log(f"  packing {len(data['index'].files)} images into shards of at most {shard_bytes / 1e6:.1f} MB "
-            f"({workers} processes) under {folder}")
+            f"({workers} threads) under {folder}")
         t = time.perf_counter()
         manifest = pack(data["index"], folder, shard_bytes, s["seed"], workers, progress=False)
         pack_seconds = time.perf_counter() - t
         host = s.get("host_peak")
-        pack_peak = host.restart() if host else None  # the pool's forked processes: not the reader's memory
+        pack_peak = host.restart() if host else None  # the packing's buffers: not the reader's memory
         t = time.perf_counter()
         shard_set = open_shard_set(str(folder))
         sizes = [sh["bytes"] for sh in manifest["shards"]]

@@ -57,7 +57,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     shards.add_argument("src", help="ImageFolder tree, flat folder, a root holding train/ and val/, or an index file")
     shards.add_argument("out", help="new or empty folder for the shards (OUT/train and OUT/val for a split root)")
     shards.add_argument("--shard-size", default="1GB", help="largest shard (default 1GB; e.g. 500MB, 256MiB)")
-    shards.add_argument("--workers", type=int, default=0, help="processes for indexing and packing (0 = all cores)")
+    shards.add_argument("--workers", type=int, default=0, help="processes for indexing, threads for packing (0 = all cores)")
     shards.add_argument("--seed", type=int, default=0, help="the seeded order that mixes the classes")
     check = sub.add_parser("verify", help="read every byte of a shard set and check it against its manifest")
     check.add_argument("shards", help="a shard set (folder or s3://bucket/prefix), or a root holding train/ and val/")

@@ -19,19 +19,18 @@ index (so that only files that decode go in):
   size and mtime). Readers (``byol_fast.shard_set``) check the files against it.
 
 Shards are written to temporary names and renamed when whole, in parallel over ``workers``
-processes.
+threads.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import sys
 import tarfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,8 +248,10 @@ def pack(index: Index, out: str | Path, shard_bytes: int = 10**9, seed: int = 0,
             results.append(write_shard(members, str(out / name)))
             meter.add(results[-1]["bytes"])
     else:
-        # forkserver: the caller may hold threads (torch, DALI) that a fork would copy mid-lock.
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("forkserver")) as pool:
+        # Threads: reading, hashing and writing release the GIL (measured: 271 MB/s with 2 threads, 465 with
+        # 2 forked processes, 22 with forkserver's start-up), and a fork of a caller holding torch or DALI
+        # threads could copy a held lock.
+        with ThreadPoolExecutor(workers) as pool:
             for r in pool.map(write_shard, shards, [str(out / n) for n in names]):
                 results.append(r)
                 meter.add(r["bytes"])
