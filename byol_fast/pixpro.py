@@ -23,8 +23,9 @@ pixels instead of the pooled vector.
 Crop windows are ``(x0, y0, x1, y1)`` in the original image's pixels (any common unit works); a
 flip is a horizontal mirror of the crop after it was taken.
 
-Not wired into training yet (issue 14): the data path does not report crop windows, and the model
-has no ``loss`` switch; these are the parts that the rest will be built on, each tested alone.
+Not wired into training yet (issue 14): the two-view loaders report each view's window and flip
+(``windows=True``: ``pipelines.pretrain.window_of``, ``pipelines.reference.WindowedView``), but the
+model has no ``loss`` switch yet; these are the parts the rest will be built on, each tested alone.
 """
 from __future__ import annotations
 

@@ -139,25 +139,30 @@ class _DaliLoader(EpochLoader):
 
 class DaliTwoViewLoader(_DaliLoader):
     """BYOL's two views (``pipelines.pretrain``): batches (view1, view2), each float32 (N, 3, H, W),
-    or (view1, view2, labels int64 (N,)) when ``labels`` are given (the online probe).
+    then, with ``windows``, each view's crop window and flip, float32 (N, 5) (x0, y0, x1, y1 in the
+    decoded image's pixels, flip 0/1: what PixPro pairs pixels by), then labels int64 (N,) when
+    ``labels`` are given (the online probe).
 
     batch_size is per rank. device: "cpu" (DALI on the CPU, no GPU needed) or "gpu" (nvJPEG + GPU ops
     on cuda:local_rank). Tensors land on ``torch_device`` (moved only when DALI made them elsewhere).
     """
 
     def __init__(self, files, data: DataConfig, reader: ReaderConfig, batch_size: int, device: str, shard: Shard,
-                 seed: int, torch_device: torch.device, labels=None):
+                 seed: int, torch_device: torch.device, labels=None, windows: bool = False):
         super().__init__(files, labels, batch_size, device, shard, seed, torch_device, train=True)
-        self.data, self.reader = data, reader
+        self.data, self.reader, self.windows = data, reader, windows
 
     def _build(self, order, seed, checkpoint, steps):
         from pipelines.pretrain import build_pretrain_pipeline
 
         return build_pretrain_pipeline(self._source(order), self.data, self.reader, self.batch_size, self.device,
-                                       self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint)
+                                       self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint,
+                                       self.windows)
 
     def _convert(self, out, k):
         views = (self._tensor(out[0]), self._tensor(out[1]))
+        if self.windows:
+            views += tuple(torch.from_dlpack(w.as_tensor()).to(self.torch_device, non_blocking=True) for w in out[2:4])
         return views if self.labels is None else (*views, self._labels(k, self.batch_size))
 
 

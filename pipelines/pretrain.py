@@ -181,13 +181,31 @@ def _solarize(view: ViewConfig):
     return lambda img: fn.lookup_table(img, keys=list(range(256)), values=table, dtype=types.UINT8)
 
 
-def augment_view(img, view: ViewConfig, data: DataConfig):
-    """Decoded uint8 HWC image -> one augmented view, float32 HWC (image_size, image_size, 3), normalised."""
-    crop = fn.random_resized_crop(
+def crop_window(img, view: ViewConfig):
+    """A random resized crop's window of the decoded image: (anchor, shape), each float (y, x) in whole
+    pixels, on the CPU. Area fraction uniform in ``crop_area``, aspect log-uniform in ``crop_aspect``
+    (as torchvision and DALI's random_resized_crop draw them), 10 attempts, then a center crop."""
+    anchor, shape = fn.random_crop_generator(img.shape(), random_area=view.crop_area,
+                                             random_aspect_ratio=view.crop_aspect)
+    return fn.cast(anchor, dtype=types.FLOAT), fn.cast(shape, dtype=types.FLOAT)
+
+
+def window_of(anchor, shape, flip):
+    """float32 (5,) per sample: the crop window x0, y0, x1, y1 in the decoded image's pixels, and the
+    flip (1.0 when the view is mirrored): what PixPro's correspondences need (byol_fast.pixpro)."""
+    ya, xa = anchor[0], anchor[1]
+    return fn.stack(xa, ya, xa + shape[1], ya + shape[0], fn.cast(flip, dtype=types.FLOAT))
+
+
+def augment_view(img, view: ViewConfig, data: DataConfig, windows: bool = False):
+    """Decoded uint8 HWC image -> one augmented view, float32 HWC (image_size, image_size, 3), normalised;
+    with ``windows`` also its crop window and flip (:func:`window_of`)."""
+    anchor, shape = crop_window(img, view)
+    crop = fn.resize(
         img,
+        roi_start=anchor,
+        roi_end=anchor + shape,
         size=(data.image_size, data.image_size),
-        random_area=view.crop_area,  # area fraction, uniform
-        random_aspect_ratio=view.crop_aspect,  # DALI draws it log-uniform, as torchvision does
         interp_type=INTERP[data.interp],
         antialias=True,  # PIL's resize (the reference) also filters when downscaling
     )
@@ -196,26 +214,34 @@ def augment_view(img, view: ViewConfig, data: DataConfig):
         crop = jitter_and_grayscale(crop, view)
     crop = _maybe(view.blur_p, _blur(view), crop)
     crop = _maybe(view.solarize_p, _solarize(view), crop)
-    return normalise(crop, data, mirror=flip)
+    out = normalise(crop, data, mirror=flip)
+    return (out, window_of(anchor, shape, flip)) if windows else out
 
 
-def two_view_graph(jpegs, data: DataConfig, reader: ReaderConfig, device: str):
-    """Encoded files -> (view1, view2): each a float32 HWC batch, both crops of one decoded image."""
+def two_view_graph(jpegs, data: DataConfig, reader: ReaderConfig, device: str, windows: bool = False):
+    """Encoded files -> (view1, view2): each a float32 HWC batch, both crops of one decoded image;
+    with ``windows``, (view1, view2, window1, window2): each view's crop window and flip as float32
+    (5,) per sample, on the CPU (:func:`window_of`)."""
     img = decode(jpegs, reader, device)
-    return augment_view(img, data.view1, data), augment_view(img, data.view2, data)
+    v1, v2 = augment_view(img, data.view1, data, windows), augment_view(img, data.view2, data, windows)
+    return (v1[0], v2[0], v1[1], v2[1]) if windows else (v1, v2)
 
 
 @pipeline_def(enable_conditionals=True, enable_checkpointing=True)
-def _pretrain_pipeline(source, data: DataConfig, reader: ReaderConfig, device: str):
-    return two_view_graph(read(source), data, reader, device)
+def _pretrain_pipeline(source, data: DataConfig, reader: ReaderConfig, device: str, windows: bool):
+    return two_view_graph(read(source), data, reader, device, windows)
 
 
 def build_pretrain_pipeline(source: list[str] | ShardList, data: DataConfig, reader: ReaderConfig, batch_size: int,
-                            device: str, device_id: int | None, seed: int, checkpoint: str | None = None) -> Pipeline:
+                            device: str, device_id: int | None, seed: int, checkpoint: str | None = None,
+                            windows: bool = False) -> Pipeline:
     """The two-view pipeline over ``source`` (files, or samples of tar shards) in the order given, built.
 
     device_id = local rank (None for device="cpu"). ``run()`` returns (view1, view2), each
-    ``batch_size`` float32 HWC samples. ``checkpoint`` resumes a pipeline exactly.
+    ``batch_size`` float32 HWC samples, and with ``windows`` each view's crop window and flip too
+    (float32 (5,) per sample: x0, y0, x1, y1 in the decoded image's pixels, flip). Instance-only
+    runs leave ``windows`` off: those outputs are then not part of the graph. ``checkpoint`` resumes a
+    pipeline exactly.
     """
     return build(_pretrain_pipeline, reader, batch_size, device, device_id, seed, checkpoint, source=source,
-                 data=data)
+                 data=data, windows=windows)

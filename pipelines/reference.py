@@ -18,6 +18,7 @@ import torch
 import torch.utils.data
 from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from byol_fast.config import DataConfig, LinearDataConfig, ViewConfig
 from pipelines.contract import EpochLoader, Shard
@@ -26,7 +27,8 @@ INTERP = {"cubic": T.InterpolationMode.BICUBIC, "linear": T.InterpolationMode.BI
 
 
 def view_transform(view: ViewConfig, data: DataConfig) -> T.Compose:
-    """PIL RGB image -> float32 (3, image_size, image_size) tensor, one view of the recipe."""
+    """PIL RGB image -> float32 (3, image_size, image_size) tensor, one view of the recipe (its first
+    two steps, the random resized crop and the flip, are what :class:`WindowedView` reports)."""
     return T.Compose(
         [
             T.RandomResizedCrop(data.image_size, scale=view.crop_area, ratio=view.crop_aspect, interpolation=INTERP[data.interp]),
@@ -42,15 +44,37 @@ def view_transform(view: ViewConfig, data: DataConfig) -> T.Compose:
     )
 
 
-class TwoViewTransform:
-    """PIL image -> (view1, view2), each float32 (3, image_size, image_size), normalised."""
+class WindowedView:
+    """One view of the recipe that also says where its crop came from: PIL image -> (view, window),
+    window float32 (5,) = x0, y0, x1, y1 in the image's pixels and the flip (0/1), as the DALI graph
+    reports it. The crop and the flip draw from torch's generator exactly as RandomResizedCrop and
+    RandomHorizontalFlip do, so the view is the one ``view_transform`` gives for the same seed."""
 
-    def __init__(self, data: DataConfig):
-        self.view1 = view_transform(data.view1, data)
-        self.view2 = view_transform(data.view2, data)
+    def __init__(self, view: ViewConfig, data: DataConfig):
+        whole = view_transform(view, data)
+        self.crop, self.flip_p, self.rest = whole.transforms[0], view.flip_p, T.Compose(whole.transforms[2:])
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.view1(img), self.view2(img)
+        c = self.crop
+        top, left, h, w = c.get_params(img, c.scale, c.ratio)
+        img = TF.resized_crop(img, top, left, h, w, c.size, c.interpolation, antialias=c.antialias)
+        flip = bool(torch.rand(1) < self.flip_p)
+        if flip:
+            img = TF.hflip(img)
+        return self.rest(img), torch.tensor([left, top, left + w, top + h, float(flip)], dtype=torch.float32)
+
+
+class TwoViewTransform:
+    """PIL image -> (view1, view2), each float32 (3, image_size, image_size), normalised; with
+    ``windows``, (view1, view2, window1, window2) (:class:`WindowedView`)."""
+
+    def __init__(self, data: DataConfig, windows: bool = False):
+        self.windows = windows
+        self.view1, self.view2 = WindowedView(data.view1, data), WindowedView(data.view2, data)
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, ...]:
+        (v1, w1), (v2, w2) = self.view1(img), self.view2(img)
+        return (v1, v2, w1, w2) if self.windows else (v1, v2)
 
 
 def eval_transform(data: LinearDataConfig, train: bool) -> T.Compose:
@@ -110,10 +134,12 @@ class _PilLoader(EpochLoader):
 
 class TorchvisionTwoViewLoader(_PilLoader):
     """The PIL/torchvision baseline of ``pipelines.loader.DaliTwoViewLoader``: batches (view1, view2
-    [, labels]) of float32 (N, 3, H, W) on the CPU (contiguous NCHW), ``workers`` DataLoader processes."""
+    [, window1, window2][, labels]) of float32 (N, 3, H, W) (windows (N, 5)) on the CPU (contiguous
+    NCHW), ``workers`` DataLoader processes."""
 
-    def __init__(self, files, data: DataConfig, batch_size: int, workers: int, shard: Shard, seed: int, labels=None):
-        super().__init__(files, labels, TwoViewTransform(data), batch_size, shard, seed, True, workers,
+    def __init__(self, files, data: DataConfig, batch_size: int, workers: int, shard: Shard, seed: int, labels=None,
+                 windows: bool = False):
+        super().__init__(files, labels, TwoViewTransform(data, windows), batch_size, shard, seed, True, workers,
                          data.image_size)
 
 
