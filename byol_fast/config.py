@@ -86,6 +86,17 @@ class ModelConfig:
     projector_hidden: int = 4096
     projector_out: int = 256
     predictor_hidden: int = 4096
+    # instance (BYOL's loss on pooled vectors) | pixpro (PixPro's on pixels, byol_fast/pixpro.py) | instance+pixpro
+    loss: str = "instance"
+    instance_weight: float = 1.0  # the weights of the two losses in instance+pixpro
+    pixpro_weight: float = 1.0
+    pixel_hidden: int = 4096  # the pixel projector (1x1 convolutions), PixPro's sizes
+    pixel_out: int = 256
+    pixpro_gamma: float = 2.0  # sharpness of the pixel propagation's similarity
+    pixpro_threshold: float = 0.7  # positive pixels: closer than this many bin diagonals
+    # A torchvision ResNet state_dict on disk to start the online and target encoders from (supervised
+    # weights); empty: random initialisation. Read without running code, keys checked strictly.
+    init: str = field(default="", metadata={"free": True})
 
 
 @dataclass(frozen=True)
@@ -200,6 +211,7 @@ BACKBONES = (*TORCHVISION_BACKBONES, "tiny_resnet")  # tiny_resnet: the CPU demo
 # (or stays empty where its default is empty: "not set", e.g. linear evaluation's backbone).
 CHOICES = {
     "backbone": BACKBONES,
+    "loss": ("instance", "pixpro", "instance+pixpro"),
     "interp": ("cubic", "linear"),
     "loader": ("dali", "torchvision"),
     "decode": ("auto", "cpu", "gpu"),
@@ -286,7 +298,8 @@ def _build(cls: type, values: dict, prefix: str = ""):
 def _check_choices(obj, prefix: str) -> None:
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if f.name not in CHOICES or dataclasses.is_dataclass(value) or (value == "" and f.default == ""):
+        if (f.name not in CHOICES or dataclasses.is_dataclass(value) or (value == "" and f.default == "")
+                or f.metadata.get("free")):
             continue
         if value not in CHOICES[f.name]:
             raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(CHOICES[f.name])}")

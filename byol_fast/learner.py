@@ -24,6 +24,7 @@ import torch
 
 from . import dist
 from .config import Config
+from .features import load_backbone_weights, read_encoder_weights
 from .model import BYOL
 from .optim import LARS, lars_update, param_groups
 from .runtime import resolve_precision
@@ -54,15 +55,27 @@ def finish_step(loss: torch.Tensor, groups: list[tuple[list, list, list]], hyper
     counters.copy_(torch.stack([in_row, counters[1] + (~ok).long(), torch.maximum(counters[2], in_row)]))
 
 
+def init_encoders(byol: BYOL, path: str) -> None:
+    """Start the online and target encoders from the torchvision ResNet state_dict at ``path``
+    (``model.init``: supervised weights on disk; read without running code, every key checked)."""
+    weights = read_encoder_weights(path, backbone=byol.cfg.backbone)
+    for tower in (byol.online, byol.target):
+        load_backbone_weights(tower.encoder, weights.state, path)
+
+
 class Learner:
     """The wrapped BYOL model, its LARS optimizer and its precision policy."""
 
     def __init__(self, cfg: Config, device: torch.device, info: dist.DistInfo):
         self.cfg, self.device = cfg, device
         self.amp_dtype = resolve_precision(cfg.precision, device)
-        self.model = dist.wrap(BYOL(cfg.model), device, info, cfg.sync_bn, cfg.channels_last)
+        byol = BYOL(cfg.model)
+        if cfg.model.init:
+            init_encoders(byol, cfg.model.init)
+        self.model = dist.wrap(byol, device, info, cfg.sync_bn, cfg.channels_last)
         self.byol: BYOL = dist.unwrap(self.model)
-        trainable = torch.nn.ModuleList([self.byol.online, self.byol.predictor])
+        trainable = torch.nn.ModuleList([self.byol.online, self.byol.predictor]
+                                        + ([self.byol.propagation] if self.byol.pixels else []))
         self.optimizer = LARS(param_groups(trainable, cfg.optim.weight_decay), lr=0.0,
                               momentum=cfg.optim.momentum, eta=cfg.optim.eta)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -90,7 +103,8 @@ class Learner:
     def step(self, micro_batches, lr: float, tau: float) -> torch.Tensor:
         """Forward/backward over the micro-batches, one LARS step, one EMA update; no host sync.
 
-        ``micro_batches`` is a list of (view1, view2) pairs, each (N, 3, H, W) on the device.
+        ``micro_batches`` is a list of (view1, view2) pairs, each (N, 3, H, W) on the device, or with
+        PixPro (view1, view2, window1, window2), windows (N, 5) (BYOL.forward).
         Returns the mean loss as a device tensor. A step whose loss or gradients are not finite
         changes nothing (weights, batch-norm statistics, optimizer and EMA) and is counted on the
         device: :meth:`read_skips` at the next log point says so.
@@ -102,12 +116,12 @@ class Learner:
         total = torch.zeros((), device=self.device)
         torch._foreach_copy_(self._stats_backup, self._stats)
         n = len(micro_batches)
-        for i, (view1, view2) in enumerate(micro_batches):
+        for i, inputs in enumerate(micro_batches):
             # DDP all-reduces gradients only on the last micro-batch.
             accumulating = i < n - 1 and hasattr(self.model, "no_sync")
             with self.model.no_sync() if accumulating else contextlib.nullcontext():
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-                    out = self.forward(view1, view2)
+                    out = self.forward(*inputs)
                 self.scaler.scale(out["loss"] / n).backward()
             total += out["loss"].detach() / n
         self.last = {k: v for k, v in out.items() if k != "loss"}
@@ -135,13 +149,18 @@ class Learner:
         return int(self._counters[1])
 
     def state_dict(self) -> dict:
+        """The checkpoint's model part: online, predictor, target (and with PixPro the propagation
+        module), optimizer and scaler."""
+        extra = {"propagation": self.byol.propagation.state_dict()} if self.byol.pixels else {}
         return {"online": self.byol.online.state_dict(), "predictor": self.byol.predictor.state_dict(),
                 "target": self.byol.target.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), **extra}
 
     def load_state_dict(self, state: dict) -> None:
         self.byol.online.load_state_dict(state["online"])
         self.byol.predictor.load_state_dict(state["predictor"])
+        if self.byol.pixels:
+            self.byol.propagation.load_state_dict(state["propagation"])
         self.byol.target.load_state_dict(state["target"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -44,21 +44,22 @@ def _items(index: Dataset, reader: ReaderConfig):
 
 
 def two_view_loader(index: Dataset, data: DataConfig, reader: ReaderConfig, batch: int, info: DistInfo,
-                    device: torch.device, seed: int, labels: bool = False) -> Loader:
+                    device: torch.device, seed: int, labels: bool = False, windows: bool = False) -> Loader:
     """This rank's two-view loader over the training ``index`` (an image folder's index or a shard
     set): DALI (reader.loader=dali) or the torchvision/PIL reference (folders only); with ``labels``
-    it also yields each image's class label."""
+    it also yields each image's class label, with ``windows`` each view's crop window and flip
+    (PixPro), before the labels."""
     _check_fills(index, batch, info, "optim.batch_size")
     items, shard = _items(index, reader), shard_of(info)
     labels_ = index.labels if labels else None
     if reader.loader == "torchvision":
         from pipelines.reference import TorchvisionTwoViewLoader
 
-        return TorchvisionTwoViewLoader(items, data, batch, reader.num_threads, shard, seed, labels_)
+        return TorchvisionTwoViewLoader(items, data, batch, reader.num_threads, shard, seed, labels_, windows)
     from pipelines.loader import DaliTwoViewLoader
 
     return DaliTwoViewLoader(items, data, reader, batch, decode_device(reader, device), shard, seed, device,
-                             labels_)
+                             labels_, windows)
 
 
 def eval_loader(index: Dataset, train: bool, data: LinearDataConfig, reader: ReaderConfig, batch: int,

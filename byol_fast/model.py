@@ -14,6 +14,7 @@ from torchvision.models.resnet import BasicBlock
 
 from .config import BACKBONES, ModelConfig
 from .loss import byol_loss
+from .pixpro import PixelProjector, PixelPropagation, correspondence, pixpro_loss
 
 # Not a torchvision model: the CPU demo's backbone (config/demo.yaml), see TinyResNet.
 TINY = "tiny_resnet"
@@ -196,16 +197,32 @@ class MLP(nn.Sequential):
         )
 
 
-class Tower(nn.Module):
-    """Encoder followed by projector: what both the online and the target network are made of."""
+def feature_map(encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ResNet's last feature map (N, width, H/32, W/32) before pooling (7x7 at 224 px; H/8 for the
+    demo's tiny_resnet): torchvision's forward without the pool and the classifier."""
+    x = encoder.relu(encoder.bn1(encoder.conv1(x)))
+    x = getattr(encoder, "maxpool", nn.Identity())(x)
+    return encoder.layer4(encoder.layer3(encoder.layer2(encoder.layer1(x))))
 
-    def __init__(self, cfg: ModelConfig):
+
+class Tower(nn.Module):
+    """Encoder followed by projector: what both the online and the target network are made of; with
+    PixPro (``pixels``) also a pixel projector on the encoder's last feature map."""
+
+    def __init__(self, cfg: ModelConfig, pixels: bool = False):
         super().__init__()
         self.encoder, self.width = build_encoder(cfg.backbone)
         self.projector = MLP(self.width, cfg.projector_hidden, cfg.projector_out)
+        if pixels:
+            self.pixel_projector = PixelProjector(self.width, cfg.pixel_hidden, cfg.pixel_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.encoder(x))
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled features (N, width), the feature map (N, width, h, w)) from one pass."""
+        fmap = feature_map(self.encoder, x)
+        return torch.flatten(self.encoder.avgpool(fmap), 1), fmap
 
 
 class BYOL(nn.Module):
@@ -218,24 +235,57 @@ class BYOL(nn.Module):
     batch-norm gamma and beta included, follow the online ones by EMA (:meth:`update_target`);
     its running statistics are its own, updated by its own forward passes, and unused for
     training (evaluation uses the online encoder).
+
+    ``cfg.loss`` picks the loss: ``instance`` (BYOL's), ``pixpro`` (PixPro's on pixels:
+    byol_fast/pixpro.py; the towers gain a pixel projector, the online side a pixel propagation
+    module, and ``forward`` takes each view's crop window and flip, (N, 5), to pair pixels by) or
+    ``instance+pixpro`` (``instance_weight`` x one + ``pixpro_weight`` x the other).
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.online = Tower(cfg)
+        self.cfg = cfg
+        self.instance, self.pixels = cfg.loss in ("instance", "instance+pixpro"), "pixpro" in cfg.loss
+        self.online = Tower(cfg, self.pixels)
         self.predictor = MLP(cfg.projector_out, cfg.predictor_hidden, cfg.projector_out)
+        if self.pixels:
+            self.propagation = PixelPropagation(cfg.pixel_out, cfg.pixpro_gamma)
         self.target = copy.deepcopy(self.online)
         self.target.requires_grad_(False)
 
-    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> dict[str, torch.Tensor]:
-        h1 = self.online.encoder(view1)
-        z_online1, z_online2 = self.online.projector(h1), self.online(view2)
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor, windows1: torch.Tensor | None = None,
+                windows2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        if not self.pixels:
+            h1 = self.online.encoder(view1)
+            z_online1, z_online2 = self.online.projector(h1), self.online(view2)
+            q1, q2 = self.predictor(z_online1), self.predictor(z_online2)
+            with torch.no_grad():
+                z_target1, z_target2 = self.target(view1), self.target(view2)
+            loss = byol_loss(q1, q2, z_target1, z_target2)
+            return {"loss": loss, "projection": z_online1.detach(), "representation": h1.detach(),
+                    "prediction": q1.detach(), "target_projection": z_target2}
+        if windows1 is None or windows2 is None:
+            raise ValueError("model.loss with pixpro needs each view's crop window (the loader's windows=True)")
+        (h1, m1), (h2, m2) = self.online.maps(view1), self.online.maps(view2)
+        z_online1, z_online2 = self.online.projector(h1), self.online.projector(h2)
         q1, q2 = self.predictor(z_online1), self.predictor(z_online2)
+        y1 = self.propagation(self.online.pixel_projector(m1))
+        y2 = self.propagation(self.online.pixel_projector(m2))
         with torch.no_grad():
-            z_target1, z_target2 = self.target(view1), self.target(view2)
-        loss = byol_loss(q1, q2, z_target1, z_target2)
+            (g1, t_m1), (g2, t_m2) = self.target.maps(view1), self.target.maps(view2)
+            z_target1, z_target2 = self.target.projector(g1), self.target.projector(g2)
+            t1, t2 = self.target.pixel_projector(t_m1), self.target.pixel_projector(t_m2)
+            positive = correspondence(windows1[:, :4], windows1[:, 4] > 0.5, windows2[:, :4], windows2[:, 4] > 0.5,
+                                      m1.shape[2], m1.shape[3], self.cfg.pixpro_threshold)
+        pixel = pixpro_loss(y1, y2, t1, t2, positive)
+        loss = self.cfg.pixpro_weight * pixel
+        if self.instance:  # the predictor stays in the graph either way (DDP wants every parameter used)
+            loss = loss + self.cfg.instance_weight * byol_loss(q1, q2, z_target1, z_target2)
+        else:
+            loss = loss + 0.0 * (q1.sum() + q2.sum())
         return {"loss": loss, "projection": z_online1.detach(), "representation": h1.detach(),
-                "prediction": q1.detach(), "target_projection": z_target2}
+                "prediction": q1.detach(), "target_projection": z_target2, "pixpro_loss": pixel.detach(),
+                "positive_pairs": positive.float().sum(dim=(1, 2)).mean()}
 
     @torch.no_grad()
     def update_target(self, tau: float | torch.Tensor, ok: torch.Tensor | None = None) -> None:

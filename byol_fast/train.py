@@ -76,8 +76,10 @@ class Run:
         if cfg.monitor.probe and not self.index.labelled:
             raise ConfigError(f"monitor.probe: {cfg.data.path} has no class folders, and the online probe needs "
                               "labels (or --monitor.probe=false)")
+        pixels = "pixpro" in cfg.model.loss  # PixPro pairs pixels by each view's crop window
+        self.inputs = 4 if pixels else 2  # what a micro-batch hands the model: the views [, their windows]
         self.loader = two_view_loader(self.index, cfg.data, cfg.reader, self.batch, self.info, self.device,
-                                      cfg.seed, labels=cfg.monitor.probe)
+                                      cfg.seed, labels=cfg.monitor.probe, windows=pixels)
         self.steps_per_epoch = self.loader.steps_per_epoch // cfg.optim.accumulate
         if self.steps_per_epoch < 1:
             raise ConfigError(f"optim.accumulate: {cfg.optim.accumulate} micro-batches exceed the "
@@ -181,11 +183,11 @@ class Run:
             tau = tau_at(self.step, self.total_steps, cfg.ema.tau_base)
             with window.waiting():
                 micro = [next(stream) for _ in range(cfg.optim.accumulate)]
-            loss = self.learner.step([m[:2] for m in micro], lr, tau)
+            loss = self.learner.step([m[:self.inputs] for m in micro], lr, tau)
             self.step += 1
             ok = self.learner.ok  # decided on the device: nothing here waits for the step
             if self.probe:  # features of the last micro-batch, detached: the probe never shapes them
-                self.probe.step(self.learner.last["representation"], micro[-1][2], ok)
+                self.probe.step(self.learner.last["representation"], micro[-1][-1], ok)
             window.add(loss, ok, cfg.optim.batch_size)
             epoch_end, last = self.step % self.steps_per_epoch == 0, self.step == last_step
             if self.knn and ((epoch_end and (self.step // self.steps_per_epoch) % cfg.monitor.knn_every == 0) or last):
@@ -235,7 +237,7 @@ class Run:
                 f"--precision=bf16 or fp32), or bad input data. The last checkpoint ({self.out / ckpt.LAST}) is from before.")
 
     def _batches(self):
-        """An endless stream of (view1, view2[, labels]) micro-batches on the training device.
+        """An endless stream of (view1, view2[, window1, window2][, labels]) micro-batches on the training device.
 
         A training epoch is ``steps_per_epoch x accumulate`` micro-batches; a loader epoch whose steps
         do not divide by ``accumulate`` has its last few read and dropped, so that training epochs and
@@ -257,12 +259,17 @@ class Run:
                         **collapse_stats(self.learner.last["projection"]),
                         "train/pair_top1": 100.0 * pair_retrieval(self.learner.last["prediction"],
                                                                   self.learner.last["target_projection"])}
+        for key in ("pixpro_loss", "positive_pairs"):  # PixPro's share of the loss, pixel pairs per image
+            if key in self.learner.last:
+                device_stats[f"train/{key}"] = self.learner.last[key].float()
         # One host sync for all of them (read every log_every steps, never per step).
         stats = dict(zip(device_stats, torch.stack(list(device_stats.values())).tolist()))
         loss = stats.pop("train/loss")
         w = window.read()  # after the sync: the window's time is the GPU's
         eta_s = (last_step - self.step) * w["seconds_per_step"]
         extra = ""
+        if "train/pixpro_loss" in stats:
+            extra += f" pixpro {stats['train/pixpro_loss']:.4f} pairs {stats['train/positive_pairs']:.1f}"
         if self.probe:
             stats.update(self.probe.read())
             extra += f" probe_top1 {stats['probe/train_top1']:.1f}"

@@ -26,13 +26,19 @@ def images(tmp_path_factory):
     return root
 
 
+PIXPRO = ["--model.loss=instance+pixpro", "--model.pixel_hidden=32", "--model.pixel_out=16"]
+
+
 def shards_of(images: Path) -> Path:
     return Path(f"{images}-shards")
 
 
 def train_cmd(images, out, launcher=(), loader="dali"):
-    """loader: dali (the image folder), torchvision (the folder, PIL), or shards (DALI, the tar shards)."""
+    """loader: dali (the image folder), torchvision (the folder, PIL), shards (DALI, the tar shards), or
+    pixpro (DALI, the folder, model.loss=instance+pixpro: the views' crop windows travel too)."""
     reader = ["--reader.loader=torchvision", "--reader.num_threads=0"] if loader == "torchvision" else []
+    if loader == "pixpro":
+        reader = PIXPRO
     data = shards_of(images) if loader == "shards" else images
     return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, *reader, f"--data.path={data}",
             f"--out_dir={out}"]
@@ -86,7 +92,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("loader", ["dali", "torchvision", "shards"])
+@pytest.mark.parametrize("loader", ["dali", "torchvision", "shards", "pixpro"])
 def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, tmp_path, uninterrupted, loader):
     killed = tmp_path / "killed"
     proc = subprocess.Popen(train_cmd(images, killed, loader=loader), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
@@ -139,7 +145,7 @@ def test_kill_9_during_a_background_checkpoint_write_keeps_the_previous_one(imag
 
 
 @pytest.mark.parametrize("sig, loader", [(signal.SIGTERM, "dali"), (signal.SIGUSR1, "torchvision"),
-                                         (signal.SIGTERM, "shards")])
+                                         (signal.SIGTERM, "shards"), (signal.SIGTERM, "pixpro")])
 def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path, uninterrupted, sig, loader):
     out = tmp_path / "preempted"
     proc = subprocess.Popen(train_cmd(images, out, loader=loader), env=CHILD_ENV, cwd=ROOT, stdout=subprocess.PIPE,
