@@ -8,7 +8,8 @@ pixels instead of the pooled vector.
   have one, the target's following by EMA.
 - :class:`PixelPropagation` (online branch only): ``y_i = sum_j s(x_i, x_j) g(x_j)`` over the pixels j
   of the same view, ``s = max(cos(x_i, x_j), 0) ** gamma`` (gamma 2), ``g`` one transform layer (a 1x1
-  convolution).
+  convolution) whose output is unit-normalised per pixel, as the authors' released code does (the
+  paper's equation leaves the norm out).
 - :func:`correspondence`: the positive pairs. Each feature-map bin stands for the centre of its
   cell of the view; a view is a crop window of the original image, possibly mirrored; bins of the two
   views are positive when their centres, mapped back into the original image, lie closer than
@@ -18,7 +19,8 @@ pixels instead of the pooled vector.
 - :func:`pixpro_loss`: the negative cosine between the online branch's propagated pixels and the
   target's projected pixels over the positive pairs, both directions (view 1 -> view 2 and back),
   averaged over the pairs of each image, then over the batch; an image whose views share no pair
-  adds zero.
+  adds zero. (The authors' code multiplies it by 2, as BYOL's 2 - 2 cos does: ``model.pixpro_weight=2``
+  is that scale.)
 
 Crop windows are ``(x0, y0, x1, y1)`` in the original image's pixels (any common unit works); a
 flip is a horizontal mirror of the crop after it was taken.
@@ -77,8 +79,8 @@ class PixelProjector(nn.Sequential):
 
 
 class PixelPropagation(nn.Module):
-    """The pixel propagation module: ``y_i = sum_j max(cos(x_i, x_j), 0) ** gamma * g(x_j)`` within
-    each view, ``g`` one 1x1 convolution; (N, C, H, W) -> (N, C, H, W)."""
+    """The pixel propagation module: ``y_i = sum_j max(cos(x_i, x_j), 0) ** gamma * g(x_j) / |g(x_j)|``
+    within each view, ``g`` one 1x1 convolution; (N, C, H, W) -> (N, C, H, W)."""
 
     def __init__(self, dim: int, gamma: float = GAMMA):
         super().__init__()
@@ -89,7 +91,7 @@ class PixelPropagation(nn.Module):
         n, c, h, w = x.shape
         flat = F.normalize(x.float().flatten(2), dim=1)  # (N, C, HW), fp32 (normalising fp16 overflows)
         sim = torch.bmm(flat.transpose(1, 2), flat).clamp(min=0).pow(self.gamma)  # (N, HW_i, HW_j)
-        g = self.transform(x).flatten(2).float()  # (N, C, HW_j)
+        g = F.normalize(self.transform(x).flatten(2).float(), dim=1)  # (N, C, HW_j), unit per pixel
         return torch.bmm(g, sim.transpose(1, 2)).view(n, c, h, w)  # y[:, :, i] = sum_j sim[i, j] g[:, :, j]
 
 

@@ -26,6 +26,26 @@ def test_recipes_match_deepmind_presets(name, epochs, lr, wd, tau):
     assert cfg.model.backbone == "resnet50" and cfg.optim.batch_size == 4096 and cfg.optim.warmup_epochs == 10
 
 
+@pytest.mark.parametrize("epochs", [100, 400])
+def test_pixpro_recipes_match_the_authors_scripts(epochs):
+    """tools/pixpro_base_r50_{100,400}ep.sh of the PixPro release: LARS base lr 1.0 at batch 1024
+    (128 x 8 GPUs), weight decay 1e-5, 5 warm-up epochs, momentum 0.99, p 2, positive ratio 0.7,
+    pixel loss only; their MLP2d projector is 2048 -> 4096 -> 256."""
+    cfg = load_config(ROOT / "config" / f"pixpro_r50_in1k_{epochs}ep.yaml")
+    assert (cfg.epochs, cfg.optim.lr, cfg.optim.batch_size, cfg.optim.weight_decay, cfg.optim.warmup_epochs,
+            cfg.ema.tau_base) == (epochs, 1.0, 1024, 1e-5, 5, 0.99)
+    m = cfg.model
+    assert (m.backbone, m.loss, m.pixel_hidden, m.pixel_out, m.pixpro_gamma, m.pixpro_threshold) == \
+        ("resnet50", "pixpro", 4096, 256, 2.0, 0.7)
+    assert load_config(ROOT / "config" / "pixpro_demo.yaml").model.loss == "instance+pixpro"
+
+
+def test_model_init_takes_a_path_and_the_loss_a_choice():
+    assert load_config(overrides=["--model.init=/weights/r50.pth"]).model.init == "/weights/r50.pth"
+    with pytest.raises(ConfigError, match="model.loss"):
+        load_config(overrides=["--model.loss=dense"])
+
+
 def test_overrides_win_and_are_typed(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("optim: {lr: 0.5}\nepochs: 3\n")

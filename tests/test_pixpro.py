@@ -63,7 +63,7 @@ def test_the_propagation_module_is_the_direct_formula():
             out = torch.zeros(5)
             for (k, m) in pixels:
                 s = max(F.cosine_similarity(x[n, :, i, j], x[n, :, k, m], dim=0).item(), 0.0) ** 2
-                out += s * g[n, :, k, m]
+                out += s * g[n, :, k, m] / g[n, :, k, m].norm()
             assert torch.allclose(y[n, :, i, j], out, atol=1e-5), (n, i, j)
 
 
