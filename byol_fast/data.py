@@ -98,6 +98,9 @@ def _shards_command(args: argparse.Namespace) -> None:
     src, out = Path(args.src), Path(args.out)
     if not src.exists():
         raise DatasetError(f"{src}: no such file or folder")
+    if src.is_dir() and out.resolve().is_relative_to(src.resolve()):
+        raise DatasetError(f"{out}: inside {src}; put the shards elsewhere (a later index of {src} would "
+                           "take their folder for a class)")
     split_root = src.is_dir() and all((src / s).is_dir() for s in SPLITS)
     for source, dest in ([(src / s, out / s) for s in SPLITS] if split_root else [(src, out)]):
         index = load_index(source, workers=workers)

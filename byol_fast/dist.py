@@ -105,6 +105,25 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(main, others, errors: tuple[type[Exception], ...] = (ValueError,)):
+    """``main()`` on rank 0, then ``others()`` on every other rank once rank 0 is done (work that rank 0
+    does once for all, such as checking a dataset, which the others then read). An error of ``errors``
+    on rank 0 is raised on every rank, so that no rank waits at a collective for one that stopped."""
+    if not dist.is_initialized():
+        return main()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = main()
+        except errors as e:
+            error = e
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise box[0]
+    return result if dist.get_rank() == 0 else others()
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         t = t.clone()

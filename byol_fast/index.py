@@ -329,11 +329,8 @@ def checked_index(path: str | os.PathLike, info, workers: int = 0) -> Index:
     are decoded once, not once per process."""
     from . import dist
 
-    if info.is_main:
-        index = load_index(path, workers=workers, progress=True)
-    dist.barrier()
-    if not info.is_main:
-        index = load_index(path, progress=False)
+    index = dist.main_first(lambda: load_index(path, workers=workers, progress=True),
+                            lambda: load_index(path, progress=False), (DatasetError, FileNotFoundError))
     if index.skipped and info.is_main:
         print(f"index: {len(index.files)} images, {len(index.skipped)} left out (see {index.report_path})", flush=True)
     return index

@@ -5,15 +5,18 @@ tars and their index files, and returns a :class:`ShardSet`: the labels and clas
 :class:`byol_fast.index.Index` offers the same), and the :class:`pipelines.shards.ShardSamples` the
 DALI loaders read. Before anything trains it checks, and stops with one line naming the shard:
 
-- the manifest: present, of this format, its counts adding up;
-- each tar: present, of the size the manifest records (a truncated or replaced tar is refused), and
-  its first and last sample's tar headers intact and naming what the index file says;
+- the manifest: present, of this format, every field of its type, no tar listed twice, its counts
+  adding up;
+- each tar: present, of the size the manifest records (a truncated tar is refused), its first and
+  last sample's tar headers intact and naming what the index file says, and its first and last images
+  the bytes packed (sha256; a tar replaced by another of the same layout is refused);
 - each index file: present, the one the manifest records (sha256: a stale or edited one is refused),
   every sample with one image and its ``.cls`` label, every member inside the tar;
 - the folder: no tar that the manifest does not list.
 
-What these checks cannot see without reading every byte (an image damaged inside a tar of the right
-size) :func:`verify` finds (``python -m byol_fast.data verify``): every tar's sha256 against the
+Rank 0 checks; the others open the set after it (``checked_dataset``), and an error on rank 0 is
+raised on every rank. What these checks cannot see without reading every byte (an image damaged in
+the middle of a tar of the right size) :func:`verify` finds (``python -m byol_fast.data verify``): every tar's sha256 against the
 manifest, every label member against the manifest's labels.
 """
 from __future__ import annotations
@@ -36,13 +39,24 @@ from .shards import FORMAT, LABEL_EXT, MANIFEST, VERSION
 _BLOCK = 512
 _EXT_ID = {e: i for i, e in enumerate(IMAGE_EXTS)}
 _THREADS = 16  # parallel requests when checking many shards on object storage
+# What each shard entry of a manifest holds, and its type.
+_ENTRY_TYPES = {"tar": str, "index": str, "samples": int, "bytes": int, "sha256": str, "index_sha256": str,
+                "edge_sha256": str, "labels": list}
 
 
 def is_shard_set(path) -> bool:
-    """True for a folder or ``s3://`` prefix holding a shard-set manifest."""
+    """True for a folder or ``s3://`` prefix holding a shard-set manifest (a ``manifest.json`` of
+    another kind, as some downloaded image folders hold, does not count)."""
+    where = store.join(path, MANIFEST)
     if store.is_s3(path):
-        return store.size(store.join(path, MANIFEST)) is not None
-    return os.path.isfile(os.path.join(path, MANIFEST))
+        return store.size(where) is not None
+    if not os.path.isfile(where):
+        return False
+    try:
+        with open(where, "rb") as f:
+            return json.loads(f.read(1 << 20)).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def checked_dataset(path, info, workers: int = 0) -> Index | ShardSet:
@@ -53,12 +67,12 @@ def checked_dataset(path, info, workers: int = 0) -> Index | ShardSet:
         return checked_index(path, info, workers)
     from . import dist
 
-    shard_set = open_shard_set(str(path)) if info.is_main else None
-    dist.barrier()
-    if info.is_main:
+    def main():
+        shard_set = open_shard_set(str(path))
         print(f"data: {shard_set.summary()}", flush=True)
         return shard_set
-    return open_shard_set(str(path), check_headers=False)
+
+    return dist.main_first(main, lambda: open_shard_set(str(path), check_headers=False), (DatasetError,))
 
 
 @dataclass
@@ -100,14 +114,22 @@ def read_manifest(root: str) -> dict:
         raise _fail(path, f"not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise _fail(path, f"not a manifest of this byol_fast version ({FORMAT!r}, version {VERSION})")
-    shards = manifest.get("shards")
+    shards, classes = manifest.get("shards"), manifest.get("classes", [])
     if not shards or not isinstance(shards, list):
         raise _fail(path, "lists no shards")
-    for s in shards:
-        if not all(k in s for k in ("tar", "index", "samples", "bytes", "index_sha256", "labels")):
-            raise _fail(path, f"shard entry {s.get('tar', '?')} lacks a key (tar, index, samples, bytes, ...)")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise _fail(path, "classes: expected a list of class names")
+    for n, s in enumerate(shards):
+        if not isinstance(s, dict) or any(not isinstance(s.get(k), t) or isinstance(s.get(k), bool)
+                                          for k, t in _ENTRY_TYPES.items()):
+            raise _fail(path, f"shards[{n}]: expected {{{', '.join(f'{k}: {t.__name__}' for k, t in _ENTRY_TYPES.items())}}}")
+        if not all(isinstance(y, int) and not isinstance(y, bool) for y in s["labels"]):
+            raise _fail(path, f"{s['tar']}: labels must be whole numbers")
         if len(s["labels"]) != s["samples"]:
             raise _fail(path, f"{s['tar']}: {len(s['labels'])} labels for {s['samples']} samples")
+    names = [s["tar"] for s in shards]
+    if len(set(names)) != len(names):
+        raise _fail(path, f"{next(t for t in names if names.count(t) > 1)} is listed twice")
     if sum(s["samples"] for s in shards) != manifest.get("num_samples"):
         raise _fail(path, "the shards' sample counts do not add up to num_samples")
     return manifest
@@ -175,9 +197,15 @@ def _open_shard(root: str, entry: dict, check_headers: bool) -> list[dict]:
     if len(samples) != entry["samples"]:
         raise _fail(idx_path, f"{len(samples)} samples, the manifest says {entry['samples']}")
     if check_headers:
-        for members in (samples[0], samples[-1]):
+        edges = hashlib.sha256()
+        for members in (samples[0], samples[-1]) if len(samples) > 1 else samples[:1]:
+            image = next(m for e, m in members.items() if e in _EXT_ID)
             _check_header(tar_path, members[LABEL_EXT], tar_path)
-            _check_header(tar_path, next(m for e, m in members.items() if e in _EXT_ID), tar_path)
+            _check_header(tar_path, image, tar_path)
+            edges.update(store.read(tar_path, image[0], image[1]))
+        if edges.hexdigest() != entry["edge_sha256"]:
+            raise _fail(tar_path, "its first and last images differ from those packed (sha256): a replaced or "
+                                  "damaged tar; pack it again")
     return samples
 
 

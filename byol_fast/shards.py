@@ -14,7 +14,8 @@ index (so that only files that decode go in):
   a ``v1.2 <samples>`` line, then per sample ``<ext> <data offset> <size> <member name>`` for each
   member), so that the reader never has to scan a tar.
 - ``manifest.json``, written last (a shard set without it is incomplete): the shards with their
-  sample counts, sizes, sha256 digests (of the tar and of its index file) and labels, the classes,
+  sample counts, sizes, sha256 digests (of the tar, of its index file, and of its first and last
+  images: ``edge_sha256``, cheap to check before every run) and labels, the classes,
   and the identity of the source index (its root, file count and a fingerprint of every file's path,
   size and mtime). Readers (``byol_fast.shard_set``) check the files against it.
 
@@ -72,7 +73,7 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         value = -1.0
-    if unit not in units or value <= 0:
+    if unit not in units or not 0 < value < 1e18:  # also refuses inf and nan
         raise DatasetError(f"--shard-size: {text!r} is not a size (e.g. 1GB, 500MB, 256MiB)")
     return int(value * units[unit])
 
@@ -176,13 +177,16 @@ def write_shard(members: list[tuple[int, Sample]], tar_path: str) -> dict:
     tmp = f"{tar_path}.tmp"
     with open(tmp, "wb") as f:
         hashing = _Hashing(f)
+        edges = hashlib.sha256()
         with tarfile.open(fileobj=hashing, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
-            for key, s in members:
+            for n, (key, s) in enumerate(members):
                 try:
                     with open(s.path, "rb") as src:
                         data = src.read()
                 except OSError as e:
                     raise DatasetError(f"{s.path}: cannot be read ({e.strerror}); index the folder again") from None
+                if n == 0 or n == len(members) - 1:
+                    edges.update(data)
                 _add(tar, f"{key:09d}.{s.ext}", data)
                 _add(tar, f"{key:09d}.{LABEL_EXT}", str(s.label).encode())
         f.flush()
@@ -194,6 +198,7 @@ def write_shard(members: list[tuple[int, Sample]], tar_path: str) -> dict:
     os.replace(tmp, tar_path)
     os.replace(f"{idx_path}.tmp", idx_path)
     return {"samples": len(members), "bytes": os.path.getsize(tar_path), "sha256": hashing.sha.hexdigest(),
+            "edge_sha256": edges.hexdigest(),
             "index_sha256": hashlib.sha256(text.encode()).hexdigest(), "labels": [s.label for _, s in members]}
 
 
@@ -233,6 +238,8 @@ def pack(index: Index, out: str | Path, shard_bytes: int = 10**9, seed: int = 0,
          progress: bool = True) -> dict:
     """Write ``index``'s files as a shard set in the folder ``out`` (new or empty); return the manifest."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out}: a file; shards go into a new or empty folder")
     if out.exists() and any(out.iterdir()):
         raise DatasetError(f"{out}: not empty; shards go into a new or empty folder")
     samples = samples_of(index)

@@ -17,6 +17,7 @@ once DALI has read them. Labels are attached here, from the samples each batch h
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -41,6 +42,18 @@ def to_torch(batch) -> torch.Tensor:
     else:
         nhwc = torch.from_dlpack(tensor)
     return nhwc.permute(0, 3, 1, 2)
+
+
+_TMP_PREFIX = "byol_fast-shards-"  # + the owner's pid: the reader index files of one loader
+
+
+def _remove_orphans() -> None:
+    """Remove the index-file folders of processes that are gone (killed before they could clean up)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        pid = name[len(_TMP_PREFIX):].partition("-")[0]
+        if name.startswith(_TMP_PREFIX) and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
 class _DaliLoader(EpochLoader):
@@ -71,7 +84,8 @@ class _DaliLoader(EpochLoader):
         if not isinstance(self.files, ShardSamples):
             return [self.files[i] for i in order]
         if self._tmp is None:
-            self._tmp = tempfile.mkdtemp(prefix="byol_fast-shards-")
+            _remove_orphans()
+            self._tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{os.getpid()}-")
             weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
         for name in os.listdir(self._tmp):  # the last pipeline's lists: DALI read them when it was built
             os.remove(os.path.join(self._tmp, name))
@@ -93,27 +107,41 @@ class _DaliLoader(EpochLoader):
         return self._pipe
 
     def _batches(self, epoch: int, step: int):
-        pipe = self._pipeline(epoch, step)
+        try:
+            pipe = self._pipeline(epoch, step)  # a build opens every tar (or file) of the epoch
+        except RuntimeError as e:
+            raise self._read_error(e) from None
         for k in range(step, self.steps_per_epoch):
             try:
                 out = pipe.run()
             except RuntimeError as e:
-                raise self._read_error(k, e) from None
+                raise self._read_error(e, k) from None
             yield self._convert(out, k)
 
-    def _read_error(self, k: int, e: RuntimeError) -> ReadError:
-        """One line naming where batch ``k`` (or one prefetched after it) came from, and DALI's reason."""
+    def _read_error(self, e: RuntimeError, k: int | None = None) -> ReadError:
+        """One line for a DALI failure: the file or tar it names, else those batch ``k`` (and the ones
+        prefetched after it) came from; whether an image failed to decode or a file to be read; DALI's
+        reason (its first line)."""
         text = str(e)
         reason = text.rpartition("encountered:")[2].strip().splitlines()[0] if "encountered:" in text else text
-        start = (k - self._offset) * self.batch_size
-        ids = self._order[start:start + (1 + max(1, self.reader.prefetch)) * self.batch_size] or self._order[-1:]
-        if isinstance(self.files, ShardSamples):
-            names = list(dict.fromkeys(self.files.tars[int(t)] for t in self.files.tar_of[ids]))
-            hint = "; python -m byol_fast.data verify finds damaged shards"
+        shards = isinstance(self.files, ShardSamples)
+        everything = list(self.files.tars) if shards else self.files
+        named = [p for p in everything if p in text]
+        if named:
+            names = named[:1]
+        elif k is not None:
+            start = (k - self._offset) * self.batch_size
+            ids = self._order[start:start + (1 + max(1, self.reader.prefetch)) * self.batch_size] or self._order[-1:]
+            names = list(dict.fromkeys(self.files.tars[int(t)] if shards else self.files[i]
+                                       for t, i in zip(self.files.tar_of[ids] if shards else ids, ids)))
         else:
-            names, hint = list(dict.fromkeys(self.files[i] for i in ids)), ""
+            names = everything[:1] + [None] * (len(everything) - 1)
         where = names[0] + (f" (or one of {len(names) - 1} more read with it)" if len(names) > 1 else "")
-        return ReadError(f"{where}: an image could not be read or decoded ({reason}){hint}")
+        operator = re.search(r"operator `([^`]+)`", text)
+        if operator and "decoders" in operator.group(1):
+            hint = "; python -m byol_fast.data verify finds damaged shards" if shards else ""
+            return ReadError(f"{where}: an image could not be decoded ({reason}){hint}")
+        return ReadError(f"{where}: could not be read ({reason})")
 
     def _position(self, epoch: int, step: int) -> dict:
         if step > 0 and self._pipe_epoch == epoch:

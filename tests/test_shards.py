@@ -71,11 +71,12 @@ def test_every_image_goes_in_once_with_its_bytes_label_and_real_extension(index,
 
 
 def test_same_seed_same_bytes_other_seed_other_order(index, tmp_path):
-    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
-        pack(index, tmp_path / name, shard_bytes=10**6, seed=seed, progress=False)
-    tar = lambda n: (tmp_path / n / "shard-000000.tar").read_bytes()  # noqa: E731
-    assert tar("a") == tar("b") and tar("a") != tar("c")
-    assert (tmp_path / "a" / "shard-000000.idx").read_text() == (tmp_path / "b" / "shard-000000.idx").read_text()
+    """One thread or two, the same seed gives the same files byte for byte; another seed another order."""
+    for name, seed, workers in (("a", 5, 1), ("b", 5, 2), ("c", 6, 1)):
+        pack(index, tmp_path / name, shard_bytes=11000, seed=seed, workers=workers, progress=False)
+    files = lambda n: {p.name: p.read_bytes() for p in sorted((tmp_path / n).glob("shard-*"))}  # noqa: E731
+    assert len(files("a")) > 4 and files("a") == files("b")
+    assert files("a")["shard-000000.tar"] != files("c")["shard-000000.tar"]
 
 
 def test_index_files_equal_what_dali_wds2idx_writes(index, tmp_path):
@@ -127,9 +128,15 @@ def test_the_command_packs_train_and_val_and_refuses_mistakes(tree, tmp_path, ca
     assert "--shard-size" in capsys.readouterr().err
     assert data.main(["shards", str(tmp_path / "nowhere"), str(tmp_path / "y")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("x")
+    assert data.main(["shards", str(root / "train"), str(tmp_path / "a_file")]) == 2
+    assert "a_file: a file" in capsys.readouterr().err
+    assert data.main(["shards", str(root / "train"), str(root / "train" / "packed")]) == 2
+    assert "inside" in capsys.readouterr().err and not (root / "train" / "packed").exists()
 
 
 def test_sizes_parse_in_decimal_and_binary_units():
     assert parse_size("1GB") == 10**9 and parse_size("256MiB") == 256 * 2**20 and parse_size("1e6") == 10**6
-    with pytest.raises(DatasetError):
-        parse_size("0MB")
+    for bad in ("0MB", "inf", "nan", "1e400", "-5GB", "lots"):
+        with pytest.raises(DatasetError, match="--shard-size"):
+            parse_size(bad)
