@@ -6,6 +6,7 @@ Command line::
     python -m byol_fast.data demo OUT [--seed S] [--size PX] ...
     python -m byol_fast.data shards SRC OUT [--shard-size 1GB] [--workers N] [--seed S]
     python -m byol_fast.data verify SHARDS
+    python -m byol_fast.data demo-seg OUT [--seed S] ...
 
 ``index`` scans and checks an image folder (an ImageFolder class tree or a flat folder), writes its
 index and a report of the files left out, and prints a summary. ``demo`` writes the synthetic demo
@@ -13,7 +14,8 @@ dataset (an ImageFolder of JPEGs with train/ and val/) unless it is already ther
 an image folder (indexed first, or its index reused) or an index file into tar shards
 (byol_fast.shards); a root holding train/ and val/ becomes OUT/train and OUT/val. ``verify`` reads
 every byte of a shard set (a folder or ``s3://bucket/prefix``; both splits of a root holding train/
-and val/) against its manifest (byol_fast.shard_set.verify). Mistakes exit 2 with a one-line error.
+and val/) against its manifest (byol_fast.shard_set.verify). ``demo-seg`` writes the dense demo
+(texture regions and their masks, byol_fast.demo_segmentation) for ``python -m byol_fast.dense_probe``. Mistakes exit 2 with a one-line error.
 
 The code lives in the modules; import from them, not from here:
 
@@ -32,6 +34,7 @@ import sys
 from pathlib import Path
 
 from .demo_data import DEMO_DEFAULTS, ensure_demo_dataset
+from .demo_segmentation import SEG_DEFAULTS, make_segmentation_demo
 from .image_check import MAX_PIXELS
 from .index import DatasetError, build_index, load_index
 from . import object_store as store
@@ -59,6 +62,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     shards.add_argument("--shard-size", default="1GB", help="largest shard (default 1GB; e.g. 500MB, 256MiB)")
     shards.add_argument("--workers", type=int, default=0, help="processes for indexing, threads for packing (0 = all cores)")
     shards.add_argument("--seed", type=int, default=0, help="the seeded order that mixes the classes")
+    seg = sub.add_parser("demo-seg", help="write the dense demo: texture regions and their masks")
+    seg.add_argument("out", help="new or empty folder (train/ and val/ inside)")
+    for name, default in SEG_DEFAULTS.items():
+        seg.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     check = sub.add_parser("verify", help="read every byte of a shard set and check it against its manifest")
     check.add_argument("shards", help="a shard set (folder or s3://bucket/prefix), or a root holding train/ and val/")
     return parser.parse_args(argv)
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     try:
         {"index": _index_command, "demo": _demo_command, "shards": _shards_command,
-         "verify": _verify_command}[args.command](args)
+         "verify": _verify_command, "demo-seg": _demo_seg_command}[args.command](args)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -108,6 +115,11 @@ def _shards_command(args: argparse.Namespace) -> None:
         total = sum(s["bytes"] for s in manifest["shards"])
         print(f"{dest}: {manifest['num_samples']} images in {len(manifest['shards'])} shards, "
               f"{total / 1e6:.1f} MB at {manifest['packed_mb_per_s']} MB/s")
+
+
+def _demo_seg_command(args: argparse.Namespace) -> None:
+    root = make_segmentation_demo(args.out, **{k: getattr(args, k) for k in SEG_DEFAULTS})
+    print(f"dense demo ready: {root} ({args.train_images} train / {args.val_images} val images with masks)")
 
 
 def _verify_command(args: argparse.Namespace) -> None:

@@ -6,7 +6,7 @@ import ast
 import pytest
 from conftest import ROOT
 
-DRIVERS = {"train", "linear_eval", "finetune", "export", "convert", "predict", "launch", "data"}  # python -m byol_fast.<name>
+DRIVERS = {"train", "linear_eval", "finetune", "export", "convert", "predict", "launch", "data", "dense_probe"}  # python -m byol_fast.<name>
 
 
 def imported_modules(path) -> set[str]:
