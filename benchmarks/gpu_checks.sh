@@ -68,7 +68,7 @@ suite() {
     common=(--device cpu --backbone resnet18 --image-size 32 --batch 8 --windows 2 --window-seconds 0.5
             --warmup 2 --stage-reserve 8 --checkpoint-repeats 2 --model.projector_hidden=256
             --model.predictor_hidden=256)
-    stages="model:timeout=40,model:batch=12:timeout=40,model:batch=16:timeout=40"
+    stages="model:timeout=40,model:loss=pixpro:timeout=30,model:batch=12:timeout=40,model:batch=16:timeout=40"
     stages+=",model:compile=default:timeout=60,dali:hw=0.65:timeout=20,dali:hw=1.0:timeout=20"
     stages+=",e2e-dali:step=best:timeout=40,shards:hw=0.65:timeout=20,torchvision:windows=1:timeout=30"
     stages+=",linear:timeout=20"
@@ -83,7 +83,7 @@ suite() {
     # max-autotune-no-cudagraphs, whose autotuning can take minutes, last with what is left.
     # Torchvision at batch 64: its img/s is per-image CPU work, and 16 workers x 256 images per
     # batch at ~130 img/s would need half a minute per round of batches; 64 keeps it inside its box.
-    stages="model:timeout=60,model:batch=384:timeout=45,model:batch=512:timeout=45"
+    stages="model:timeout=60,model:loss=pixpro:timeout=45,model:batch=384:timeout=45,model:batch=512:timeout=45"
     stages+=",model:compile=default:timeout=180,dali:hw=0.65:timeout=40,dali:hw=1.0:timeout=40"
     stages+=",e2e-dali:step=best:timeout=75,shards:hw=0.65:timeout=30,torchvision:batch=64:windows=2:timeout=60"
     stages+=",linear:timeout=40"

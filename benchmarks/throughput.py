@@ -50,7 +50,8 @@ the figures exclude storage speed.
 Stage variants: ``--stages`` takes ``NAME[:key=value...]`` entries, so one process can measure
 settings side by side (``model,model:batch=512,model:compile=default,dali:hw=1.0,e2e-dali:step=best``):
 ``batch=N``, ``compile=off|MODE`` (a ``compile_mode`` of the config), ``hw=F`` (hardware-decoder load),
-``threads=N``, ``prefetch=N``, ``shard_size=SIZE`` (the ``shards`` stage), ``windows=N``,
+``threads=N``, ``prefetch=N``, ``shard_size=SIZE`` (the ``shards`` stage), ``loss=instance|pixpro|
+instance+pixpro`` (the ``model`` stage: PixPro's step on synthetic views and crop windows), ``windows=N``,
 ``window_seconds=S``, ``warmup=N``, ``timeout=S|rest`` (the stage's time box) and, for an end-to-end
 stage, ``step=best``: the training step of the fastest ``model`` variant measured before it (its batch
 and compile mode; the very same compiled learner when it is still warm). ``--time-budget S`` bounds
@@ -262,6 +263,12 @@ def _size(v: str) -> int:
         raise ValueError("not a size (e.g. 64MB, 256MiB, 1GB)") from None
 
 
+def _loss(v: str) -> str:
+    if v not in ("instance", "pixpro", "instance+pixpro"):
+        raise ValueError("instance, pixpro or instance+pixpro")
+    return v
+
+
 def _step(v: str):
     if v != "best":
         raise ValueError("only 'best' (the fastest model variant measured before this stage)")
@@ -279,6 +286,7 @@ STAGE_OPTIONS = {
     "threads": (_int(1), LOADER_STAGES),
     "prefetch": (_int(1), DALI_STAGES),
     "shard_size": (_size, ("shards",)),
+    "loss": (_loss, ("model",)),
     "windows": (_int(1), STAGES),
     "window_seconds": (_float_in(0.0, 1e6, open_lo=True), STAGES),
     "warmup": (_int(0), STAGES),
@@ -319,6 +327,8 @@ def stage_overrides(opts: dict) -> dict:
                                                ("prefetch", "prefetch")) if src in opts}
     if reader:
         over["reader"] = reader
+    if "loss" in opts:
+        over["model"] = {"loss": opts["loss"]}
     return over
 
 
@@ -722,6 +732,14 @@ def synthetic_views(cfg, device, batch: int) -> tuple[torch.Tensor, torch.Tensor
     return tuple(to_device(torch.randn(batch, 3, size, size, generator=g), device, cfg.channels_last) for _ in range(2))
 
 
+def synthetic_windows(cfg, device, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop windows (x0, y0, x1, y1, flip) of a 500 x 400 image for the two views, overlapping by
+    half, no flips: what a PixPro step needs besides its views (its cost does not depend on them)."""
+    first = torch.tensor([0.0, 0.0, 300.0, 300.0, 0.0]).repeat(batch, 1)
+    second = torch.tensor([150.0, 100.0, 450.0, 400.0, 0.0]).repeat(batch, 1)
+    return first.to(device), second.to(device)
+
+
 def new_learner(cfg, device):
     torch.manual_seed(cfg.seed)
     learner = Learner(cfg, device, DistInfo())
@@ -733,7 +751,8 @@ def new_learner(cfg, device):
 def step_signature(cfg, precision: str) -> dict:
     """What makes two BYOL steps the same step: an end-to-end figure is compared with the step alone
     of the same signature (model stage), never with another batch or compile mode."""
-    return {"backbone": cfg.model.backbone, "image_size": cfg.data.image_size, "batch": cfg.optim.batch_size,
+    return {"backbone": cfg.model.backbone, "loss": cfg.model.loss, "image_size": cfg.data.image_size,
+            "batch": cfg.optim.batch_size,
             "compile": getattr(cfg, "compile_mode", "default") if cfg.compile else False, "precision": precision}
 
 
@@ -784,8 +803,10 @@ def stage_model(data, cfg, device, s, key) -> dict:
     if cfg.compile:
         fresh_compile(data)
     learner, lr, tau = new_learner(cfg, device)
-    view1, view2 = synthetic_views(cfg, device, cfg.optim.batch_size)
-    out = measure(lambda: learner.step([(view1, view2)], lr, tau), cfg.optim.batch_size, device_sync(device), s, key)
+    inputs = synthetic_views(cfg, device, cfg.optim.batch_size)
+    if learner.byol.pixels:  # PixPro pairs pixels by the views' crop windows: two overlapping ones
+        inputs += synthetic_windows(cfg, device, cfg.optim.batch_size)
+    out = measure(lambda: learner.step([inputs], lr, tau), cfg.optim.batch_size, device_sync(device), s, key)
     keep_if_fastest(data, key, learner, out["img_per_s"]["median"])
     # skipped_steps: a step whose loss is not finite skips LARS and EMA and is cheaper; on synthetic
     # views this should stay 0, else the figure flatters the step.
@@ -976,7 +997,7 @@ def run_stage(key: str, run: dict, device) -> dict:
     log(f"\n== stage {key}: {LABELS[name]}")
     best = None
     if opts.get("step") == "best":  # the fastest model variant so far: its batch and compile mode
-        best = best_stage(run["stages"], "model")
+        best = best_stage(run["stages"], "model", lambda m: (m.get("step") or {}).get("loss", "instance") == "instance")
         if best:
             opts = {**{k: v for k, v in parse_stage(best)[1].items() if k in ("batch", "compile")}, **opts}
             log(f"  the step of {best}, the fastest model stage measured")
@@ -1128,6 +1149,9 @@ def ratios(stages: dict) -> dict:
         return stages[best].get("vs_step_alone") if best else None
 
     shards = best_stage(stages, "shards", lambda st: st.get("vs_files") is not None)
+    pixpro = best_stage(stages, "model", lambda st: (st.get("step") or {}).get("loss") == "pixpro")
+    instance = pixpro and best_stage(stages, "model", lambda st: st.get("step") == {**stages[pixpro]["step"],
+                                                                                      "loss": "instance"})
 
     best_e2e = max((v for v in (med("e2e-dali"), med("e2e-torchvision")) if v), default=None)
     compiled = best_stage(stages, "model", lambda st: bool((st.get("step") or {}).get("compile")))
@@ -1138,6 +1162,7 @@ def ratios(stages: dict) -> dict:
     return {
         "dali_vs_torchvision_loader": div(med("dali"), med("torchvision")),
         "shards_vs_files_loader": stages[shards]["vs_files"] if shards else None,
+        "pixpro_vs_instance_step": div(_rate(stages[pixpro]), _rate(stages[instance])) if instance else None,
         "e2e_dali_vs_model": e2e_vs_step("e2e-dali"),
         "e2e_torchvision_vs_model": e2e_vs_step("e2e-torchvision"),
         "e2e_dali_vs_e2e_torchvision": div(med("e2e-dali"), med("e2e-torchvision")),
@@ -1162,6 +1187,7 @@ RATIO_TEXT = {
     "e2e_dali_vs_8xV100_target": "end to end DALI: this device / 8x V100 target (3,121 img/s)",
     "devices_like_this_for_8xV100_target": "devices like this one to match 8x V100 (best end to end)",
     "compiled_vs_eager_step": "training step: compiled / eager, same batch",
+    "pixpro_vs_instance_step": "training step: PixPro / BYOL instance loss, same batch",
     "linear_vs_8gpu_linear_target": "linear eval: this device / 8-GPU linear target (5,408 img/s)",
     "e2e_linear_vs_linear": "linear eval: end to end / step alone",
     "checkpoint_pause_ratio": "checkpoint: pause with the background writer / synchronous save",

@@ -26,7 +26,7 @@ from byol_fast.index import load_index
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 BASE_STAGES = ["dali", "shards", "torchvision", "model", "e2e-dali", "e2e-torchvision", "linear", "e2e-linear"]
 # the suite's kinds of entry; shards:shard_size=1MB asks for the set the plain shards stage packed
-VARIANTS = ["model:batch=4", "e2e-dali:step=best", "shards:shard_size=1MB", "checkpoint"]
+VARIANTS = ["model:batch=4", "model:loss=pixpro", "e2e-dali:step=best", "shards:shard_size=1MB", "checkpoint"]
 ALL_STAGES = BASE_STAGES + VARIANTS
 E2E_STAGES = ["e2e-dali", "e2e-torchvision", "e2e-linear", "e2e-dali:step=best"]
 # Ratios that need a stage this run does not have (a compiled step).
@@ -159,6 +159,19 @@ def test_variants_and_the_best_step(run):
         3121.0 / stages[best_e2e]["img_per_s"]["median"])
     assert f"Best measured configuration: {best_e2e} (end to end;" in stdout
     assert "| model:batch=4 |" in stdout
+
+
+def test_the_pixpro_step_is_measured_beside_the_instance_step(run):
+    """model:loss=pixpro runs PixPro's step (pixel head, propagation, pairs from synthetic crop
+    windows) at the model stage's settings; its ratio to the instance step is reported, and it is
+    never the step an end-to-end stage borrows."""
+    _, result, _ = run
+    stages = result["stages"]
+    pix = stages["model:loss=pixpro"]
+    assert pix["step"] == {**stages["model"]["step"], "loss": "pixpro"} and pix["skipped_steps"] == 0
+    assert result["ratios"]["pixpro_vs_instance_step"] == pytest.approx(
+        pix["img_per_s"]["median"] / stages["model"]["img_per_s"]["median"])
+    assert stages["e2e-dali:step=best"]["step"]["loss"] == "instance"
 
 
 def test_shards_stage_reads_the_files_of_the_dali_stage_as_shards(run):
