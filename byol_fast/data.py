@@ -54,8 +54,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     idx.add_argument("--no-cache", action="store_true", help="decode everything; write nothing")
     demo = sub.add_parser("demo", help="write the synthetic demo dataset (ImageFolder of JPEGs)")
     demo.add_argument("out", help="folder to create (train/ and val/ inside)")
-    for name, default in DEMO_DEFAULTS.items():
-        demo.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    _int_options(demo, DEMO_DEFAULTS)
     shards = sub.add_parser("shards", help="pack an image folder or index file into tar shards (WebDataset layout)")
     shards.add_argument("src", help="ImageFolder tree, flat folder, a root holding train/ and val/, or an index file")
     shards.add_argument("out", help="new or empty folder for the shards (OUT/train and OUT/val for a split root)")
@@ -64,11 +63,16 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     shards.add_argument("--seed", type=int, default=0, help="the seeded order that mixes the classes")
     seg = sub.add_parser("demo-seg", help="write the dense demo: texture regions and their masks")
     seg.add_argument("out", help="new or empty folder (train/ and val/ inside)")
-    for name, default in SEG_DEFAULTS.items():
-        seg.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    _int_options(seg, SEG_DEFAULTS)
     check = sub.add_parser("verify", help="read every byte of a shard set and check it against its manifest")
     check.add_argument("shards", help="a shard set (folder or s3://bucket/prefix), or a root holding train/ and val/")
     return parser.parse_args(argv)
+
+
+def _int_options(parser: argparse.ArgumentParser, defaults: dict[str, int]) -> None:
+    """``--some-name N`` for each ``some_name`` of a generator's parameters, defaulting as it does."""
+    for name, default in defaults.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -92,10 +92,12 @@ def reason_category(reason: str) -> str:
 
 
 class Progress:
-    """Throttled progress line on stderr: done/total, files/s, ETA."""
+    """Throttled progress line on stderr: done/total, rate, ETA; counted in files, or in ``unit`` of
+    ``scale`` (e.g. MB of 1e6 bytes)."""
 
-    def __init__(self, total: int, label: str, enabled: bool):
+    def __init__(self, total: int, label: str, enabled: bool, unit: str = "files", scale: float = 1.0):
         self.total, self.label, self.enabled = total, label, enabled and total > 0
+        self.unit, self.scale = unit, scale
         self.tty = sys.stderr.isatty()
         # Overwrite one line on a terminal; in a log file, a line every 15 s is plenty.
         self.interval = 0.5 if self.tty else 15.0
@@ -108,7 +110,13 @@ class Progress:
         self.last = now
         rate = done / max(now - self.start, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else 0.0
-        line = f"{self.label}: {done}/{self.total} files, {rate:.0f} files/s, ETA {_duration(eta)}"
+        eta = max(eta, 0.0)  # a total estimated beforehand may be passed
+        if self.scale == 1.0:
+            counts = f"{done}/{self.total} {self.unit}, {rate:.0f} {self.unit}/s"
+        else:
+            k = self.scale
+            counts = f"{done / k:.1f}/{self.total / k:.1f} {self.unit}, {rate / k:.1f} {self.unit}/s"
+        line = f"{self.label}: {counts}, ETA {_duration(eta)}"
         end = "\n" if final or not self.tty else ""
         print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 

@@ -255,37 +255,36 @@ class BYOL(nn.Module):
 
     def forward(self, view1: torch.Tensor, view2: torch.Tensor, windows1: torch.Tensor | None = None,
                 windows2: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        if not self.pixels:
-            h1 = self.online.encoder(view1)
-            z_online1, z_online2 = self.online.projector(h1), self.online(view2)
-            q1, q2 = self.predictor(z_online1), self.predictor(z_online2)
-            with torch.no_grad():
-                z_target1, z_target2 = self.target(view1), self.target(view2)
-            loss = byol_loss(q1, q2, z_target1, z_target2)
-            return {"loss": loss, "projection": z_online1.detach(), "representation": h1.detach(),
-                    "prediction": q1.detach(), "target_projection": z_target2}
-        if windows1 is None or windows2 is None:
+        if self.pixels and (windows1 is None or windows2 is None):
             raise ValueError("model.loss with pixpro needs each view's crop window (the loader's windows=True)")
-        (h1, m1), (h2, m2) = self.online.maps(view1), self.online.maps(view2)
+        # Each view through each tower once: pooled features, and with PixPro the feature map too.
+        (h1, m1), (h2, m2) = self._encode(self.online, view1), self._encode(self.online, view2)
         z_online1, z_online2 = self.online.projector(h1), self.online.projector(h2)
         q1, q2 = self.predictor(z_online1), self.predictor(z_online2)
+        with torch.no_grad():
+            (g1, t_m1), (g2, t_m2) = self._encode(self.target, view1), self._encode(self.target, view2)
+            z_target1, z_target2 = self.target.projector(g1), self.target.projector(g2)
+        out = {"projection": z_online1.detach(), "representation": h1.detach(), "prediction": q1.detach(),
+               "target_projection": z_target2}
+        if not self.pixels:
+            return {"loss": byol_loss(q1, q2, z_target1, z_target2), **out}
         y1 = self.propagation(self.online.pixel_projector(m1))
         y2 = self.propagation(self.online.pixel_projector(m2))
         with torch.no_grad():
-            (g1, t_m1), (g2, t_m2) = self.target.maps(view1), self.target.maps(view2)
-            z_target1, z_target2 = self.target.projector(g1), self.target.projector(g2)
             t1, t2 = self.target.pixel_projector(t_m1), self.target.pixel_projector(t_m2)
             positive = correspondence(windows1[:, :4], windows1[:, 4] > 0.5, windows2[:, :4], windows2[:, 4] > 0.5,
                                       m1.shape[2], m1.shape[3], self.cfg.pixpro_threshold)
         pixel = pixpro_loss(y1, y2, t1, t2, positive)
-        loss = self.cfg.pixpro_weight * pixel
-        if self.instance:  # the predictor stays in the graph either way (DDP wants every parameter used)
-            loss = loss + self.cfg.instance_weight * byol_loss(q1, q2, z_target1, z_target2)
-        else:
-            loss = loss + 0.0 * (q1.sum() + q2.sum())
-        return {"loss": loss, "projection": z_online1.detach(), "representation": h1.detach(),
-                "prediction": q1.detach(), "target_projection": z_target2, "pixpro_loss": pixel.detach(),
+        if self.instance:
+            loss = self.cfg.pixpro_weight * pixel + self.cfg.instance_weight * byol_loss(q1, q2, z_target1, z_target2)
+        else:  # the predictor stays in the graph, with no effect (DDP wants every parameter used)
+            loss = self.cfg.pixpro_weight * pixel + 0.0 * (q1.sum() + q2.sum())
+        return {"loss": loss, **out, "pixpro_loss": pixel.detach(),
                 "positive_pairs": positive.float().sum(dim=(1, 2)).mean()}
+
+    def _encode(self, tower: Tower, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pooled features, the last feature map when PixPro needs it, else None)."""
+        return tower.maps(x) if self.pixels else (tower.encoder(x), None)
 
     @torch.no_grad()
     def update_target(self, tau: float | torch.Tensor, ok: torch.Tensor | None = None) -> None:

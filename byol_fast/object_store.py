@@ -137,13 +137,21 @@ def _check_bucket(url: str) -> None:
 def read(path: str, start: int = 0, length: int | None = None) -> bytes:
     """Bytes of a file or object (``length`` bytes from ``start``, or all of it); a StoreError
     naming ``path`` when it is missing or cannot be read."""
+    data = read_if_there(path, start, length)
+    if data is None:
+        raise StoreError(f"{path}: missing")
+    return data
+
+
+def read_if_there(path: str, start: int = 0, length: int | None = None) -> bytes | None:
+    """:func:`read`, but None for a file or object that is not there (one request, not two)."""
     if not is_s3(path):
         try:
             with open(path, "rb") as f:
                 f.seek(start)
                 return f.read() if length is None else f.read(length)
         except FileNotFoundError:
-            raise StoreError(f"{path}: missing") from None
+            return None
         except OSError as e:
             raise StoreError(f"{path}: cannot be read ({e.strerror})") from None
     bucket, key = split_s3(path)
@@ -154,7 +162,7 @@ def read(path: str, start: int = 0, length: int | None = None) -> bytes:
     except Exception as e:  # noqa: BLE001 - mapped to one line
         if _missing(e):
             _check_bucket(path)
-            raise StoreError(f"{path}: missing") from None
+            return None
         raise _s3_error(path, e) from None
 
 

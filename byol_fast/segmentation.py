@@ -61,7 +61,7 @@ def train_probe(train_maps: torch.Tensor, train_masks: torch.Tensor, num_classes
     size = train_masks.shape[-2:]
     for epoch in range(epochs):
         order = torch.randperm(len(train_maps), generator=g)
-        total = 0.0
+        total = torch.zeros(())
         for i in range(0, len(order), batch):
             idx = order[i:i + batch]
             logits = F.interpolate(probe(train_maps[idx]), size=size, mode="bilinear", align_corners=False)
@@ -70,9 +70,9 @@ def train_probe(train_maps: torch.Tensor, train_masks: torch.Tensor, num_classes
             loss.backward()
             opt.step()
             sched.step()
-            total += loss.item() * len(idx)
-        if log and (epoch + 1) % max(1, epochs // 5) == 0:
-            log(f"probe epoch {epoch + 1}/{epochs} loss {total / len(order):.4f}")
+            total += loss.detach() * len(idx)
+        if log and (epoch + 1) % max(1, epochs // 5) == 0:  # read only when printed
+            log(f"probe epoch {epoch + 1}/{epochs} loss {total.item() / len(order):.4f}")
     return probe
 
 

@@ -105,11 +105,12 @@ def _fail(where: str, what: str) -> DatasetError:
 
 def read_manifest(root: str) -> dict:
     path = store.join(root, MANIFEST)
-    if store.size(path) is None:
+    raw = store.read_if_there(path)
+    if raw is None:
         raise _fail(path, "missing: not a shard set, or its packing did not finish "
                           "(python -m byol_fast.data shards SRC OUT writes it last)")
     try:
-        manifest = json.loads(store.read(path))
+        manifest = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise _fail(path, f"not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
@@ -160,6 +161,8 @@ def parse_index(text: str, where: str, tar_bytes: int) -> list[dict[str, tuple[i
             members[ext] = (o, z, name)
         images = [e for e in members if e in _EXT_ID]
         key = parts[3].partition(".")[0]
+        if not key.isdigit():
+            raise _fail(where, f"line {n}: sample key {key!r} is not a number (byol_fast.shards numbers them)")
         if LABEL_EXT not in members:
             raise _fail(where, f"sample {key} has no .{LABEL_EXT} label")
         if len(images) != 1:
@@ -168,17 +171,21 @@ def parse_index(text: str, where: str, tar_bytes: int) -> list[dict[str, tuple[i
     return out
 
 
-def _check_header(tar_path: str, member: tuple[int, int, str], where: str) -> None:
-    """The tar header in front of ``member``'s data must be intact and name it with its size."""
-    offset, size, name = member
-    raw = store.read(tar_path, offset - _BLOCK, _BLOCK)
-    try:
-        info = tarfile.TarInfo.frombuf(raw, "utf-8", "surrogateescape")
-    except tarfile.HeaderError as e:
-        raise _fail(where, f"damaged: no valid tar header before {name} ({e}); pack it again") from None
-    if info.name != name or info.size != size:
-        raise _fail(where, f"does not match its index file at {name} (the tar has {info.name}, {info.size} bytes): "
-                           "a stale index file or a replaced tar")
+def _check_sample(tar_path: str, members: dict[str, tuple[int, int, str]], where: str) -> bytes:
+    """Read one sample's members (headers and data: one request) and check that the tar header in
+    front of each is intact and names it with its size; return its image's bytes."""
+    start = min(o for o, _, _ in members.values()) - _BLOCK
+    raw = store.read(tar_path, start, max(o + z for o, z, _ in members.values()) - start)
+    for offset, size, name in members.values():
+        try:
+            info = tarfile.TarInfo.frombuf(raw[offset - _BLOCK - start:offset - start], "utf-8", "surrogateescape")
+        except tarfile.HeaderError as e:
+            raise _fail(where, f"damaged: no valid tar header before {name} ({e}); pack it again") from None
+        if info.name != name or info.size != size:
+            raise _fail(where, f"does not match its index file at {name} (the tar has {info.name}, {info.size} "
+                               "bytes): a stale index file or a replaced tar")
+    offset, size, _ = next(m for e, m in members.items() if e in _EXT_ID)
+    return raw[offset - start:offset - start + size]
 
 
 def _open_shard(root: str, entry: dict, check_headers: bool) -> list[dict]:
@@ -188,9 +195,9 @@ def _open_shard(root: str, entry: dict, check_headers: bool) -> list[dict]:
         raise _fail(tar_path, "missing (the manifest lists it)")
     if size != entry["bytes"]:
         raise _fail(tar_path, f"{size} bytes, the manifest says {entry['bytes']}: truncated or replaced; pack it again")
-    if store.size(idx_path) is None:
+    raw = store.read_if_there(idx_path)
+    if raw is None:
         raise _fail(idx_path, f"missing: the index file of {entry['tar']} (DALI's wds2idx writes one)")
-    raw = store.read(idx_path)
     samples = parse_index(raw.decode("utf-8", "replace"), idx_path, size)  # what is wrong, where it can say
     if hashlib.sha256(raw).hexdigest() != entry["index_sha256"]:
         raise _fail(idx_path, f"not the index file the manifest records for {entry['tar']} (stale or edited)")
@@ -199,27 +206,34 @@ def _open_shard(root: str, entry: dict, check_headers: bool) -> list[dict]:
     if check_headers:
         edges = hashlib.sha256()
         for members in (samples[0], samples[-1]) if len(samples) > 1 else samples[:1]:
-            image = next(m for e, m in members.items() if e in _EXT_ID)
-            _check_header(tar_path, members[LABEL_EXT], tar_path)
-            _check_header(tar_path, image, tar_path)
-            edges.update(store.read(tar_path, image[0], image[1]))
+            edges.update(_check_sample(tar_path, members, tar_path))
         if edges.hexdigest() != entry["edge_sha256"]:
             raise _fail(tar_path, "its first and last images differ from those packed (sha256): a replaced or "
                                   "damaged tar; pack it again")
     return samples
 
 
-def open_shard_set(root: str, check_headers: bool = True) -> ShardSet:
-    """Open and check the shard set at ``root`` (a folder or ``s3://bucket/prefix``); see the module
-    docstring for what is checked. ``check_headers=False`` skips reading tar headers (ranks other
-    than the one that checked)."""
-    root = str(root).rstrip("/") if store.is_s3(root) else str(root)
+def _root(root) -> str:
+    return str(root).rstrip("/") if store.is_s3(root) else str(root)
+
+
+def _checked_manifest(root: str) -> dict:
+    """The manifest, checked, and no tar in the folder that it does not list."""
     manifest = read_manifest(root)
     listed = {s["tar"] for s in manifest["shards"]}
     extra = [n for n in store.listing(root, ".tar") if n not in listed]
     if extra:
         raise _fail(store.join(root, extra[0]), f"not in {MANIFEST}: the files do not match the manifest "
                                                 f"({len(extra)} unlisted tars); pack again into an empty folder")
+    return manifest
+
+
+def open_shard_set(root: str, check_headers: bool = True) -> ShardSet:
+    """Open and check the shard set at ``root`` (a folder or ``s3://bucket/prefix``); see the module
+    docstring for what is checked. ``check_headers=False`` skips reading tar headers (ranks other
+    than the one that checked)."""
+    root = _root(root)
+    manifest = _checked_manifest(root)
     with ThreadPoolExecutor(_THREADS if store.is_s3(root) else 1) as pool:
         per_shard = list(pool.map(lambda e: _open_shard(root, e, check_headers), manifest["shards"]))
     tar_of, key, ext, offset, size, labels = [], [], [], [], [], []
@@ -228,7 +242,7 @@ def open_shard_set(root: str, check_headers: bool = True) -> ShardSet:
             e = next(x for x in members if x in _EXT_ID)
             o, z, name = members[e]
             tar_of.append(t)
-            key.append(int(name.partition(".")[0]) if name.partition(".")[0].isdigit() else len(key))
+            key.append(int(name.partition(".")[0]))  # parse_index checked it is a number
             ext.append(_EXT_ID[e])
             offset.append(o)
             size.append(z)
@@ -243,22 +257,23 @@ def open_shard_set(root: str, check_headers: bool = True) -> ShardSet:
 
 
 def verify(root: str, progress=None) -> int:
-    """Read every byte of the shard set at ``root``: each tar's sha256 against the manifest, each
-    sample's label member against the manifest's label. Returns the number of samples checked; a
-    DatasetError naming the first shard that differs."""
-    shard_set = open_shard_set(root)
+    """Read every byte of the shard set at ``root`` (one tar in memory at a time) after the checks of
+    :func:`open_shard_set`: each tar's sha256 against the manifest, each sample's label member against
+    the manifest's label. Returns the number of samples checked; a DatasetError naming the first
+    shard that differs."""
+    root = _root(root)
     checked = 0
-    for entry in shard_set.manifest["shards"]:
+    for entry in _checked_manifest(root)["shards"]:
+        samples = _open_shard(root, entry, check_headers=True)
         tar_path = store.join(root, entry["tar"])
         data = store.read(tar_path)
-        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        if hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise _fail(tar_path, "its bytes differ from those packed (sha256): damaged; pack it again")
-        idx = parse_index(store.read(store.join(root, entry["index"])).decode(), entry["index"], len(data))
-        for members, label in zip(idx, entry["labels"]):
+        for members, label in zip(samples, entry["labels"]):
             o, z, name = members[LABEL_EXT]
             if data[o:o + z].decode(errors="replace").strip() != str(label):
                 raise _fail(tar_path, f"{name} does not hold the manifest's label {label}")
-        checked += len(idx)
+        checked += len(samples)
         if progress:
             progress(entry["tar"], checked)
     return checked

@@ -12,7 +12,7 @@ index (so that only files that decode go in):
   timestamps, owners or permissions of the source: the same index and seed give the same bytes.
 - ``shard-000000.idx`` ...: the index file DALI's reader needs (the format of DALI's ``wds2idx``:
   a ``v1.2 <samples>`` line, then per sample ``<ext> <data offset> <size> <member name>`` for each
-  member), so that the reader never has to scan a tar.
+  member), written from the offsets as the tar is written, so that the reader never scans a tar.
 - ``manifest.json``, written last (a shard set without it is incomplete): the shards with their
   sample counts, sizes, sha256 digests (of the tar, of its index file, and of its first and last
   images: ``edge_sha256``, cheap to check before every run) and labels, the classes,
@@ -28,7 +28,6 @@ import hashlib
 import io
 import json
 import os
-import sys
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +38,7 @@ import numpy as np
 
 from pipelines.shards import IMAGE_EXTS as READER_EXTS
 
+from .image_check import Progress
 from .index import DatasetError, Index
 
 MANIFEST = "manifest.json"
@@ -55,11 +55,12 @@ _TAR_BLOCK = 512
 
 @dataclass(frozen=True)
 class Sample:
-    """One file going into a shard: its path, the extension it is stored under, its label."""
+    """One file going into a shard: its path, the extension it is stored under, its label, its size."""
 
     path: str
     ext: str
     label: int
+    size: int
 
 
 def parse_size(text: str) -> int:
@@ -79,7 +80,8 @@ def parse_size(text: str) -> int:
 
 
 def samples_of(index: Index) -> list[Sample]:
-    """The index's files as samples, each under the extension of its real format."""
+    """The index's files as samples, each under the extension of its real format, with the size the
+    index recorded (stat'ed only where it recorded none)."""
     if len(index.kinds) != len(index.files):
         raise DatasetError(f"{index.index_path or index.root}: the index records no file kinds; "
                            "build it again (python -m byol_fast.data index)")
@@ -88,7 +90,8 @@ def samples_of(index: Index) -> list[Sample]:
         fmt = kind.split(":")[0]
         if fmt not in EXTENSIONS:
             raise DatasetError(f"{path}: {fmt} images cannot go into a shard (DALI reads {', '.join(EXTENSIONS)})")
-        out.append(Sample(path, EXTENSIONS[fmt], int(label)))
+        stamp = index.stamps.get(path)
+        out.append(Sample(path, EXTENSIONS[fmt], int(label), stamp[0] if stamp else os.path.getsize(path)))
     return out
 
 
@@ -106,7 +109,7 @@ def tar_bytes(members: int) -> int:
 
 def sample_bytes(s: Sample) -> int:
     """Bytes one sample takes in a tar: its image and its label, headers and padding included."""
-    return _member_bytes(os.path.getsize(s.path)) + _member_bytes(len(str(s.label)))
+    return _member_bytes(s.size) + _member_bytes(len(str(s.label)))
 
 
 def plan(samples: list[Sample], shard_bytes: int, seed: int) -> list[list[tuple[int, Sample]]]:
@@ -127,30 +130,13 @@ def plan(samples: list[Sample], shard_bytes: int, seed: int) -> list[list[tuple[
     return shards
 
 
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> str:
+    """Append one member; return its entry of DALI's index line: ``<ext> <data offset> <size> <name>``."""
     info = tarfile.TarInfo(name)
     info.size, info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = len(data), 0o644, 0, 0, 0, "", ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def index_text(tar_path: str | Path) -> str:
-    """The DALI index file of a tar (``wds2idx``'s format): members grouped by sample key in archive order."""
-    samples: list[list[tuple[str, int, int, str]]] = []
-    last_key = None
-    with tarfile.open(tar_path, "r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            base = os.path.basename(m.name)
-            key, _, ext = base.partition(".")
-            entry = (ext, m.offset_data, m.size, m.name)
-            if key == last_key:
-                samples[-1].append(entry)
-            else:
-                samples.append([entry])
-                last_key = key
-    lines = [f"v1.2 {len(samples)}"] + [" ".join(" ".join(map(str, c)) for c in s) for s in samples]
-    return "\n".join(lines) + "\n"
+    offset = tar.offset - -(-len(data) // _TAR_BLOCK) * _TAR_BLOCK  # the data ends the archive, padded to a block
+    return f"{name.partition('.')[2]} {offset} {len(data)} {name}"
 
 
 class _Hashing(io.RawIOBase):
@@ -177,7 +163,7 @@ def write_shard(members: list[tuple[int, Sample]], tar_path: str) -> dict:
     tmp = f"{tar_path}.tmp"
     with open(tmp, "wb") as f:
         hashing = _Hashing(f)
-        edges = hashlib.sha256()
+        edges, lines = hashlib.sha256(), [f"v1.2 {len(members)}"]
         with tarfile.open(fileobj=hashing, mode="w:", format=tarfile.USTAR_FORMAT) as tar:
             for n, (key, s) in enumerate(members):
                 try:
@@ -187,12 +173,12 @@ def write_shard(members: list[tuple[int, Sample]], tar_path: str) -> dict:
                     raise DatasetError(f"{s.path}: cannot be read ({e.strerror}); index the folder again") from None
                 if n == 0 or n == len(members) - 1:
                     edges.update(data)
-                _add(tar, f"{key:09d}.{s.ext}", data)
-                _add(tar, f"{key:09d}.{LABEL_EXT}", str(s.label).encode())
+                lines.append(_add(tar, f"{key:09d}.{s.ext}", data) + " "
+                             + _add(tar, f"{key:09d}.{LABEL_EXT}", str(s.label).encode()))
         f.flush()
         os.fsync(f.fileno())
     idx_path = str(Path(tar_path).with_suffix(".idx"))
-    text = index_text(tmp)
+    text = "\n".join(lines) + "\n"
     with open(f"{idx_path}.tmp", "w") as f:
         f.write(text)
     os.replace(tmp, tar_path)
@@ -203,35 +189,16 @@ def write_shard(members: list[tuple[int, Sample]], tar_path: str) -> dict:
 
 
 def fingerprint(index: Index) -> str:
-    """sha256 over every file's path (relative to the root), size and mtime: the source's identity."""
+    """sha256 over every file's path (relative to the root), size and mtime as the index recorded them
+    (stat'ed where it recorded none): the source's identity."""
     h = hashlib.sha256()
     for path in index.files:
-        st = os.stat(path)
-        h.update(f"{os.path.relpath(path, index.root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        stamp = index.stamps.get(path)
+        if stamp is None:
+            st = os.stat(path)
+            stamp = (st.st_size, st.st_mtime_ns)
+        h.update(f"{os.path.relpath(path, index.root)}\0{stamp[0]}\0{stamp[1]}\n".encode())
     return h.hexdigest()
-
-
-class _Progress:
-    """A throttled progress line on stderr: shards, MB written, MB/s and ETA."""
-
-    def __init__(self, total_bytes: int, shards: int, enabled: bool):
-        self.total, self.shards, self.enabled = total_bytes, shards, enabled
-        self.done_bytes, self.done, self.start, self.last = 0, 0, time.monotonic(), 0.0
-
-    def add(self, nbytes: int) -> None:
-        self.done_bytes += nbytes
-        self.done += 1
-        now = time.monotonic()
-        if self.enabled and (now - self.last > 1.0 or self.done == self.shards):
-            self.last = now
-            rate = self.done_bytes / max(now - self.start, 1e-9)
-            eta = max(0.0, self.total - self.done_bytes) / rate if rate > 0 else 0.0
-            print(f"shards: {self.done}/{self.shards}, {self.done_bytes / 1e6:.1f}/{self.total / 1e6:.1f} MB, "
-                  f"{rate / 1e6:.1f} MB/s, eta {eta:.0f} s", file=sys.stderr, flush=True)
-
-    @property
-    def mb_per_s(self) -> float:
-        return self.done_bytes / 1e6 / max(time.monotonic() - self.start, 1e-9)
 
 
 def pack(index: Index, out: str | Path, shard_bytes: int = 10**9, seed: int = 0, workers: int = 1,
@@ -248,27 +215,25 @@ def pack(index: Index, out: str | Path, shard_bytes: int = 10**9, seed: int = 0,
     shards = plan(samples, shard_bytes, seed)
     out.mkdir(parents=True, exist_ok=True)
     names = [f"shard-{k:06d}.tar" for k in range(len(shards))]
-    meter = _Progress(sum(tar_bytes(sum(sample_bytes(s) for _, s in sh)) for sh in shards), len(shards), progress)
-    results = []
-    if workers <= 1:
-        for members, name in zip(shards, names):
-            results.append(write_shard(members, str(out / name)))
-            meter.add(results[-1]["bytes"])
-    else:
-        # Threads: reading, hashing and writing release the GIL (measured: 271 MB/s with 2 threads, 465 with
-        # 2 forked processes, 22 with forkserver's start-up), and a fork of a caller holding torch or DALI
-        # threads could copy a held lock.
-        with ThreadPoolExecutor(workers) as pool:
-            for r in pool.map(write_shard, shards, [str(out / n) for n in names]):
-                results.append(r)
-                meter.add(r["bytes"])
+    meter = Progress(sum(tar_bytes(sum(sample_bytes(s) for _, s in sh)) for sh in shards), "packing", progress,
+                     unit="MB", scale=1e6)
+    results, done, start = [], 0, time.monotonic()
+    # Threads: reading, hashing and writing release the GIL (measured: 271 MB/s with 2 threads, 465 with 2
+    # forked processes, 22 with forkserver's start-up), and a fork of a caller holding torch or DALI threads
+    # could copy a held lock.
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for r in pool.map(write_shard, shards, [str(out / n) for n in names]):
+            results.append(r)
+            done += r["bytes"]
+            meter.update(done, final=len(results) == len(shards))
+    packed_mb_per_s = done / 1e6 / max(time.monotonic() - start, 1e-9)
     manifest = {
         "format": FORMAT, "version": VERSION, "seed": seed, "shard_bytes": shard_bytes,
         "num_samples": len(samples), "classes": list(index.classes),
         "shards": [{"tar": n, "index": Path(n).with_suffix(".idx").name, **r} for n, r in zip(names, results)],
         "source": {"root": index.root, "index": index.index_path, "files": len(index.files),
                    "fingerprint": fingerprint(index)},
-        "packed_mb_per_s": round(meter.mb_per_s, 1),
+        "packed_mb_per_s": round(packed_mb_per_s, 1),
     }
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")

@@ -70,7 +70,8 @@ class _DaliLoader(EpochLoader):
         self.files = files if isinstance(files, ShardSamples) else list(files)
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.device, self.torch_device = device, torch.device(torch_device)
-        self._pipe, self._pipe_epoch, self._offset, self._order = None, None, 0, []
+        self._pipe, self._pipe_epoch, self._offset = None, None, 0
+        self._order = torch.zeros(0, dtype=torch.int64)
         self._saved = None  # (epoch, DALI checkpoint, offset) from load_state_dict, used at the next build
         self._tmp = None  # the folder of this loader's reader index files (shards only)
 
@@ -103,7 +104,8 @@ class _DaliLoader(EpochLoader):
         self._pipe = None  # free the last epoch's pipeline before building the next
         self._pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint,
                                  self.steps_per_epoch - offset)
-        self._pipe_epoch, self._offset, self._order, self._saved = epoch, offset, order, None
+        self._pipe_epoch, self._offset, self._saved = epoch, offset, None
+        self._order = torch.as_tensor(order, dtype=torch.int64)  # the pipeline's samples: labels, errors
         return self._pipe
 
     def _batches(self, epoch: int, step: int):
@@ -118,6 +120,10 @@ class _DaliLoader(EpochLoader):
                 raise self._read_error(e, k) from None
             yield self._convert(out, k)
 
+    def _source_of(self, i: int) -> str:
+        """The file (or tar) sample ``i`` is read from."""
+        return self.files.tars[int(self.files.tar_of[i])] if isinstance(self.files, ShardSamples) else self.files[i]
+
     def _read_error(self, e: RuntimeError, k: int | None = None) -> ReadError:
         """One line for a DALI failure: the file or tar it names, else those batch ``k`` (and the ones
         prefetched after it) came from; whether an image failed to decode or a file to be read; DALI's
@@ -125,18 +131,18 @@ class _DaliLoader(EpochLoader):
         text = str(e)
         reason = text.rpartition("encountered:")[2].strip().splitlines()[0] if "encountered:" in text else text
         shards = isinstance(self.files, ShardSamples)
-        everything = list(self.files.tars) if shards else self.files
-        named = [p for p in everything if p in text]
+        kind = "shards" if shards else "files"
+        everything = self.files.tars if shards else self.files
+        named = next((p for p in everything if p in text), None)
         if named:
-            names = named[:1]
-        elif k is not None:
-            start = (k - self._offset) * self.batch_size
-            ids = self._order[start:start + (1 + max(1, self.reader.prefetch)) * self.batch_size] or self._order[-1:]
-            names = list(dict.fromkeys(self.files.tars[int(t)] if shards else self.files[i]
-                                       for t, i in zip(self.files.tar_of[ids] if shards else ids, ids)))
+            where = named
+        elif k is None:  # a pipeline that could not be built, naming nothing
+            where = f"one of the {len(everything)} {kind}"
         else:
-            names = everything[:1] + [None] * (len(everything) - 1)
-        where = names[0] + (f" (or one of {len(names) - 1} more read with it)" if len(names) > 1 else "")
+            start = (k - self._offset) * self.batch_size
+            batches = self._order[start:start + (1 + max(1, self.reader.prefetch)) * self.batch_size]
+            names = list(dict.fromkeys(self._source_of(i) for i in batches.tolist()))
+            where = names[0] + (f" (or one of {len(names) - 1} more read with it)" if len(names) > 1 else "")
         operator = re.search(r"operator `([^`]+)`", text)
         if operator and "decoders" in operator.group(1):
             hint = "; python -m byol_fast.data verify finds damaged shards" if shards else ""
@@ -161,8 +167,7 @@ class _DaliLoader(EpochLoader):
     def _labels(self, k: int, count: int) -> torch.Tensor:
         """Labels of the first ``count`` samples of the epoch's batch ``k``."""
         start = (k - self._offset) * self.batch_size
-        ids = torch.as_tensor(self._order[start:start + count], dtype=torch.int64)
-        return self.labels[ids].to(self.torch_device, non_blocking=True)
+        return self.labels[self._order[start:start + count]].to(self.torch_device, non_blocking=True)
 
 
 class DaliTwoViewLoader(_DaliLoader):
