@@ -180,6 +180,7 @@ class LinearConfig:
     epochs: int = 90
     batch_size: int = 1024  # global, over all processes
     lr: float = 0.2  # per 256 images: lr_used = lr * batch_size / 256
+    holdout: int = 0  # N > 0: validate on N images held out of train/ instead of val/ (choosing lr and epochs)
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 0.0
     head_bn: bool = False  # BatchNorm1d(affine=False) before the linear layer (MAE's probe); still linear
@@ -194,7 +195,7 @@ class LinearConfig:
 @dataclass(frozen=True)
 class FinetuneConfig(LinearConfig):
     """Semi-supervised fine-tuning (``python -m byol_fast.finetune``): the whole network, initialised
-    from the pretrained encoder, trained with a fraction of the labels (BYOL Appendix C.2, SimCLR's
+    from the pretrained encoder, trained with a fraction of the labels (BYOL Appendix C.1, SimCLR's
     protocol): SGD with Nesterov momentum 0.9, no weight decay, random resized crop + flip."""
 
     label_fraction: float = 0.1  # a seeded, class-balanced sample of the training labels (1.0: all)
@@ -315,6 +316,8 @@ def _check_linear(cfg: LinearConfig) -> None:
         raise ConfigError("backbone: --init random without --checkpoint needs --backbone=resnet50 (or another)")
     if not cfg.checkpoint and not cfg.out_dir:
         raise ConfigError("out_dir: --init random without --checkpoint needs --out_dir")
+    if cfg.holdout < 0:
+        raise ConfigError(f"holdout: {cfg.holdout} is negative (0: validate on val/)")
 
 
 def _check_finetune(cfg: FinetuneConfig) -> None:

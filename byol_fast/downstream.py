@@ -38,13 +38,17 @@ RESULTS = "results.json"
 
 def output_dir(cfg: LinearConfig) -> Path:
     """``out_dir``, or beside the checkpoint ``linear/`` (``linear_random/`` for init=random), or for
-    fine-tuning ``finetune_10pct/`` (``finetune_10pct_random/``; ``finetune_subset`` for a list file)."""
+    fine-tuning ``finetune_10pct/`` (``finetune_10pct_random/``; ``finetune_subset`` for a list file);
+    a run validated on held-out training images adds its learning rate and epochs
+    (``finetune_10pct_holdout_lr0.02_30ep/``), so that the runs of a sweep keep apart."""
     if cfg.out_dir:
         return Path(cfg.out_dir)
     name = "linear"
     if isinstance(cfg, FinetuneConfig):
         name = "finetune_subset" if cfg.subset else f"finetune_{100 * cfg.label_fraction:g}pct"
-    return Path(cfg.checkpoint).parent / (name if cfg.init == "checkpoint" else name + "_random")
+    name += "" if cfg.init == "checkpoint" else "_random"
+    name += f"_holdout_lr{cfg.lr:g}_{cfg.epochs}ep" if cfg.holdout else ""
+    return Path(cfg.checkpoint).parent / name
 
 
 def split_index(root: str | Path, split: str, info: dist.DistInfo, workers: int = 0):
@@ -90,10 +94,7 @@ class ClassifierRun:
         # The data section with the encoder's own normalisation (from its checkpoint).
         self.data = cfg.data if weights is None else \
             dataclasses.replace(cfg.data, mean=tuple(weights.mean), std=tuple(weights.std))
-        self.train_index = self._labelled(split_index(self.data.path, "train", self.info, cfg.reader.index_workers))
-        self.val_index = split_index(self.data.path, "val", self.info, cfg.reader.index_workers)
-        if self.train_index.classes != self.val_index.classes:
-            raise ConfigError(f"data.path: train/ and val/ of {self.data.path} have different class folders")
+        self.train_index, self.val_index = self._splits()
         self.num_classes = self.train_index.num_classes
         self.batch = per_process_batch(cfg.batch_size, self.info.world_size)
         if len(self.train_index) < cfg.batch_size:
@@ -112,21 +113,34 @@ class ClassifierRun:
 
     # ------------------------------------------------------------------ data
 
-    def _labelled(self, index):
-        """Fine-tuning: the labelled subset (a list file, or a class-balanced fraction); else all of it."""
-        cfg = self.cfg
-        if not self.finetune:
-            return index
-        if cfg.subset:
+    def _splits(self):
+        """(training, validation) samples: for fine-tuning the labelled subset of train/ (a list file, or
+        a class-balanced fraction), else all of it; validation all of val/, or with ``holdout`` images
+        of train/ set aside (LabelledSamples.held_out)."""
+        cfg, workers = self.cfg, self.cfg.reader.index_workers
+        index = split_index(self.data.path, "train", self.info, workers)
+        labelled = list(range(len(index)))
+        if self.finetune and cfg.subset:
             path = Path(cfg.subset)
             if not path.is_file():
                 raise ConfigError(f"subset: {path} is not a file")
-            names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            labelled = index.named(names, str(path))
-        else:
+            labelled = index.named([line.strip() for line in path.read_text().splitlines() if line.strip()],
+                                   str(path))
+        elif self.finetune:
             labelled = index.labelled_fraction(cfg.label_fraction, cfg.seed)
-        self.log(f"labelled subset: {len(labelled)} of {len(index)} training images")
-        return labelled
+        if self.finetune:
+            self.log(f"labelled subset: {len(labelled)} of {len(index)} training images")
+        if not cfg.holdout:
+            val = split_index(self.data.path, "val", self.info, workers)
+            if index.classes != val.classes:
+                raise ConfigError(f"data.path: train/ and val/ of {self.data.path} have different class folders")
+            return index.take(labelled), val
+        if cfg.holdout >= len(index):
+            raise ConfigError(f"holdout: {cfg.holdout} images is not fewer than the {len(index)} of "
+                              f"{store.join(self.data.path, 'train')}")
+        train, held = index.held_out(labelled, cfg.holdout, cfg.seed)
+        self.log(f"validation: {len(held)} images held out of train/ (not val/); training on {len(train)}")
+        return index.take(train), index.take(held)
 
     def _build_data(self) -> None:
         """Images mode: two image loaders. Cached mode: features of center crops, computed here once."""
@@ -161,6 +175,8 @@ class ClassifierRun:
                   "backbone": self.backbone, "features": self.cfg.features}
         if self.finetune:
             source.update(finetune=True, label_fraction=self.cfg.label_fraction, subset=self.cfg.subset)
+        if self.cfg.holdout:
+            source["holdout"] = self.cfg.holdout
         return source
 
     def save(self) -> None:

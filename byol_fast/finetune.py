@@ -2,7 +2,7 @@
 
 ``python -m byol_fast.finetune --checkpoint RUN/last.pt --data DATA [--label_fraction 0.1 | --subset FILE] [--init random] [--config C] [--key=value ...]``
 
-The protocol of BYOL's semi-supervised results (Appendix C.2, SimCLR's protocol): the encoder is
+The protocol of BYOL's semi-supervised results (Appendix C.1, SimCLR's protocol): the encoder is
 initialised from the checkpoint (any file linear evaluation reads), a linear layer is put on its
 pooled features, and both are trained with cross entropy on the labelled subset only: a seeded,
 class-balanced ``label_fraction`` of DATA/train (``--label_fraction=0.01`` or ``0.1``), or the images
@@ -12,6 +12,8 @@ random resized crop + flip; validation (all of DATA/val): resize + center crop. 
 every epoch to the console, TensorBoard and ``results.json`` in ``finetune_<pct>pct/`` beside the
 checkpoint; it checkpoints every epoch and resumes by itself; several GPUs under torchrun (SyncBN,
 DDP). ``--init random`` trains the same network from scratch on the same labels: what pretraining bought.
+``--holdout=N`` validates on N training images outside the labelled subset instead of DATA/val: the
+paper's way of choosing the learning rate and the epochs (a local split of 10,009 images).
 Recipes: ``config/finetune_r50_in1k_{1,10}pct.yaml``, ``config/finetune_demo.yaml``.
 """
 from __future__ import annotations

@@ -57,9 +57,9 @@ class LabelledSamples:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def labelled_fraction(self, fraction: float, seed: int) -> "LabelledSamples":
-        """A seeded, class-balanced sample: round(fraction x images) of every class (at least one),
-        kept in this index's order (the semi-supervised protocol's labelled subset)."""
+    def labelled_fraction(self, fraction: float, seed: int) -> list[int]:
+        """The positions of a seeded, class-balanced sample: round(fraction x images) of every class (at
+        least one), in this index's order (the semi-supervised protocol's labelled subset)."""
         import numpy as np
 
         rng, keep, labels = np.random.default_rng(seed), [], np.asarray(self.labels)
@@ -68,7 +68,30 @@ class LabelledSamples:
             if len(members):
                 n = max(1, round(fraction * len(members)))
                 keep += rng.choice(members, min(n, len(members)), replace=False).tolist()
-        return self._subset(sorted(keep))
+        return sorted(keep)
+
+    def held_out(self, labelled: list[int], n: int, seed: int) -> tuple[list[int], list[int]]:
+        """``(labelled, held)`` positions: ``n`` samples set aside as a local validation split (the BYOL
+        paper picks its evaluation hyper-parameters on 10,009 ImageNet training images), drawn at random
+        (seeded) from the samples outside ``labelled`` when there are that many, so that the labelled
+        subset stays what it is without a hold-out; else drawn from ``labelled`` and taken out of it."""
+        import numpy as np
+
+        if not 0 < n < len(self.labels):
+            raise ValueError(f"{n} held-out images of {len(self.labels)}: hold out at least one and leave some to train on")
+        rng = np.random.default_rng([seed, 1])  # not the labelled subset's draw
+        chosen = set(labelled)
+        rest = [i for i in range(len(self.labels)) if i not in chosen]
+        pool = rest if len(rest) >= n else sorted(chosen)
+        held = sorted(rng.choice(pool, n, replace=False).tolist())
+        if pool is not rest:
+            taken = set(held)
+            labelled = [i for i in labelled if i not in taken]
+        return sorted(labelled), held
+
+    def take(self, positions: list[int]) -> "LabelledSamples":
+        """The samples at ``positions`` (ascending), as an index of the same kind."""
+        return self._subset(list(positions))
 
     def sample(self, n: int, seed: int) -> "LabelledSamples":
         """An index of ``n`` of these files drawn at random (seeded), kept in this index's order;
@@ -117,8 +140,8 @@ class Index(LabelledSamples):
     # (size, mtime_ns) per path, kept and cacheable skipped files alike: the cache key.
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
-    def named(self, names: list[str], source: str) -> "Index":
-        """The files whose base names are ``names`` (a published subset list, e.g. ImageNet's 1% split);
+    def named(self, names: list[str], source: str) -> list[int]:
+        """The positions of the files whose base names are ``names`` (a published subset list, e.g. ImageNet's 1% split);
         a DatasetError naming the first name that is not in this index, or that names several files."""
         where: dict[str, list[int]] = {}
         for i, f in enumerate(self.files):
@@ -129,7 +152,7 @@ class Index(LabelledSamples):
         several = [n for n in names if len(where[n]) > 1]
         if several:
             raise DatasetError(f"{source}: {several[0]} names {len(where[several[0]])} files of {self.root}")
-        return self._subset(sorted({where[n][0] for n in names}))
+        return sorted({where[n][0] for n in names})
 
     def _subset(self, keep: list[int]) -> "Index":
         return dataclasses.replace(self, files=[self.files[i] for i in keep], labels=[self.labels[i] for i in keep],

@@ -10,8 +10,9 @@ one behind the published top-1 (byol_fast/REFERENCE.md section 1, BYOL Appendix 
 - training images: random resized crop + horizontal flip; validation: resize the shorter side to
   256, center crop 224;
 - SGD, Nesterov momentum 0.9, no weight decay, batch 1024, cosine decay per step without warm-up,
-  lr = 0.2 x batch / 256 (DeepMind's eval config; the paper sweeps {0.05, ..., 0.4} and reports
-  the best); 90 epochs here (DeepMind: 80; mmpretrain: 90).
+  lr = 0.2 x batch / 256 (DeepMind's eval config; the paper sweeps {0.05, ..., 0.4} on a local
+  validation split of 10,009 training images and reports the best: ``--holdout=10009`` validates on
+  such a split, held out of train/, instead of val/); 90 epochs here (DeepMind: 80; mmpretrain: 90).
 
 Top-1 and top-5 on the validation split are printed, written to TensorBoard and to
 ``results.json`` after every epoch. ``last.pt`` (atomic, every epoch) holds the classifier, the

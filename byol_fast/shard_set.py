@@ -90,7 +90,7 @@ class ShardSet(LabelledSamples):
         return ShardSet(self.root, [self.labels[i] for i in keep], self.classes, self.samples.subset(keep),
                         self.manifest)
 
-    def named(self, names: list[str], source: str) -> "ShardSet":
+    def named(self, names: list[str], source: str) -> list[int]:
         raise DatasetError(f"{source}: a subset list names image files, and the shard set {self.root} keeps no "
                            "file names: use --label-fraction, or the image folder")
 

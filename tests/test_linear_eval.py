@@ -56,7 +56,7 @@ def test_recipes_mirror_the_paper():
     cfg = load_config(ROOT / "config/linear_r50_in1k.yaml", cls=linear_eval.LinearConfig)
     assert (cfg.batch_size, cfg.momentum, cfg.weight_decay, cfg.epochs) == (1024, 0.9, 0.0, 90)
     assert scaled_lr(cfg.lr, cfg.batch_size) == pytest.approx(0.8)  # DeepMind: 0.2 x batch / 256
-    assert (cfg.data.image_size, cfg.data.resize, cfg.data.crop_area) == (224, 256, (0.08, 1.0))
+    assert (cfg.data.image_size, cfg.data.resize, cfg.data.crop_area, cfg.data.interp) == (224, 256, (0.08, 1.0), "cubic")
     assert cfg.features == "images" and not cfg.head_bn and cfg.init == "checkpoint"
     demo = load_config(ROOT / "config/linear_demo.yaml", cls=linear_eval.LinearConfig)
     assert demo.data.path == "data/demo"
@@ -254,10 +254,39 @@ def test_finetune_reads_a_published_subset_list_and_names_what_is_missing(pretra
     args = ["--checkpoint", str(pretrain_ckpt), "--data", str(root), *FAST, "--batch_size=2", "--epochs=1"]
     assert finetune.main(args + [f"--subset={listed}", f"--out_dir={tmp_path / 'a'}"]) == 0
     assert "labelled subset: 4 of 16 training images" in capsys.readouterr().out
+    # A local validation split (the paper's way of choosing lr and epochs): held out of the 12 images
+    # outside the list, so the labelled subset stays the same; val/ is not read.
+    assert finetune.main(args + [f"--subset={listed}", "--holdout=5", f"--out_dir={tmp_path / 'h'}"]) == 0
+    out = capsys.readouterr().out
+    assert "labelled subset: 4 of 16 training images" in out and "5 images held out of train/" in out
+    doc = json.loads((tmp_path / "h" / "results.json").read_text())
+    assert (doc["train_images"], doc["val_images"], doc["source"]["holdout"]) == (4, 5, 5)
     listed.write_text("0.jpg\nnowhere.jpg\n")
     assert finetune.main(args + [f"--subset={listed}", f"--out_dir={tmp_path / 'b'}"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "nowhere.jpg" in err[0] and str(listed) in err[0]
+
+
+def test_a_held_out_split_never_overlaps_what_is_trained_on(tmp_path):
+    from byol_fast.index import build_index
+    from conftest import write_noise_jpegs
+
+    write_noise_jpegs(tmp_path / "train", 16)
+    index = build_index(tmp_path / "train")
+    listed = index.named(["0.jpg", "5.jpg", "10.jpg"], "list")
+    names = [os.path.basename(index.files[i]) for i in listed]
+    assert sorted(names) == ["0.jpg", "10.jpg", "5.jpg"]
+    train, held = index.held_out(listed, 6, seed=0)
+    assert train == listed and len(held) == 6 and not set(held) & set(listed)  # from the 13 others
+    assert index.held_out(listed, 6, seed=0) == (train, held) and index.held_out(listed, 6, seed=1)[1] != held
+    everything = list(range(16))  # linear evaluation, or a fraction of 1: the split comes out of training
+    train, held = index.held_out(everything, 14, seed=0)
+    assert len(train) == 2 and len(held) == 14 and sorted(train + held) == everything
+    for bad in (0, 16):
+        with pytest.raises(ValueError):
+            index.held_out(everything, bad, seed=0)
+    assert [os.path.basename(f) for f in index.take(held[:2]).files] == \
+        [os.path.basename(index.files[i]) for i in held[:2]]
 
 
 def test_finetune_recipes_follow_the_protocol():
@@ -266,7 +295,10 @@ def test_finetune_recipes_follow_the_protocol():
     for pct in (1, 10):
         cfg = load_config(ROOT / f"config/finetune_r50_in1k_{pct}pct.yaml", cls=FinetuneConfig)
         assert cfg.label_fraction == pct / 100 and (cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.9, 0.0, 1024)
-        assert (cfg.data.image_size, cfg.data.resize, cfg.features) == (224, 256, "images")
+        assert (cfg.data.image_size, cfg.data.resize, cfg.data.interp, cfg.features) == (224, 256, "cubic", "images")
+        # BYOL Appendix C.1 (arXiv v3): learning rate swept over {0.005, 0.01, 0.02, 0.05, 0.1}, epochs
+        # over {30, 50}, chosen on a local validation split; the recipe is a point of that grid.
+        assert cfg.lr in (0.005, 0.01, 0.02, 0.05, 0.1) and cfg.epochs in (30, 50) and cfg.holdout == 0
     demo = load_config(ROOT / "config/finetune_demo.yaml", cls=FinetuneConfig)
     assert demo.label_fraction == 0.1 and demo.data.path == "data/demo"
 
