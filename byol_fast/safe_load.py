@@ -10,7 +10,8 @@ saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` ret
   numbers, strings, bytes and containers, plus numpy arrays (:data:`NUMPY_GLOBALS`: numpy rebuilds
   an array from its raw bytes; no callable of the file's choosing runs);
 - plain pickles of numpy arrays (Paddle's ``.pdparams``, a JAX/Haiku ``.pkl``): :class:`ArrayUnpickler`,
-  which admits the same numpy array globals and ``collections.OrderedDict``, nothing else.
+  which admits the same numpy array globals (also as ``dill`` writes them), ``collections.OrderedDict``
+  and inert stand-ins of DeepMind's data classes, nothing else.
 
 Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for.
 """
@@ -37,19 +38,70 @@ _DTYPES = {n: getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType
 # What torch.load(weights_only=True) admits beyond its own list: numpy arrays, scalars and dtypes.
 NUMPY_GLOBALS = [_MULTIARRAY._reconstruct, _MULTIARRAY.scalar, np.ndarray, np.dtype, *_DTYPES.values()]
 
+
+def _dill_array(rebuild, args, state, attributes=None) -> np.ndarray:
+    """What ``dill.dump`` (0.3.6 and later) writes for a numpy array (``dill._dill._create_array``):
+    numpy's own reconstruction, then the array's state. Only that
+    reconstruction is accepted as ``rebuild`` (the unpickler admitted it by name already), and only
+    an array without instance attributes (a plain array has none)."""
+    if rebuild is not _MULTIARRAY._reconstruct:
+        raise UnsafeFileError(f"dill's array rebuilt by {getattr(rebuild, '__qualname__', rebuild)!r}")
+    if attributes:
+        raise UnsafeFileError("dill's array with attributes")
+    array = rebuild(*args)
+    array.__setstate__(state)
+    return array
+
+
+def _dill_namedtuple(name, fields, module, defaults=None) -> type:
+    """What ``dill.dump`` writes for a namedtuple class (``dill._dill._create_namedtuple``; dill would
+    import ``module`` to find it): the stand-in below for a class of DeepMind's release, else a new
+    namedtuple class with those fields, as inert as a tuple; nothing is imported."""
+    short = str(name).rsplit(".", 1)[-1]
+    known = _ALLOWED.get((module, short))
+    if isinstance(known, type) and issubclass(known, tuple):
+        return known
+    try:
+        return collections.namedtuple(short, list(fields), defaults=defaults, module=str(module))
+    except (TypeError, ValueError) as e:
+        raise UnsafeFileError(f"dill's namedtuple {name!r} ({e})") from None
+
+
+class _Module(str):
+    """A module as dill 0.3 names one (``dill._dill._import_module(name)``), never imported: only
+    :func:`_dill_attribute` reads from it, and only what the allow-list holds."""
+
+
+def _dill_module(name) -> _Module:
+    return _Module(name)
+
+
+def _dill_attribute(module, name):
+    """``dill._dill._get_attr(module, name)``: dill 0.3 writes numpy's array reconstruction (a built-in
+    function) and ``_codecs.encode`` this way; the allow-list's entry for ``module.name``, nothing else."""
+    if type(module) is not _Module or (str(module), name) not in _ALLOWED:
+        raise UnsafeFileError(f"{module}.{name}")
+    return _ALLOWED[(str(module), name)]
+
+
 # The one allow-list of plain pickles: (module, name) -> what it may stand for. numpy's array and
 # scalar reconstruction (under the module names numpy 1 and numpy 2 write) and dtypes, OrderedDict,
-# the str -> bytes encoding with which protocol-2 pickles write bytes; and, as inert stand-ins of the
+# the str -> bytes encoding with which protocol-2 pickles write bytes, what dill writes for an array,
+# for a namedtuple class and for a built-in function (_dill_array, _dill_namedtuple, _dill_attribute:
+# DeepMind's BYOL release was written with dill 0.3); and, as inert stand-ins of the
 # same shape, never imported, the data-only classes of DeepMind's BYOL release
 # (byol_fast.layouts.deepmind): its NamedTuples become namedtuples with their fields, Haiku's
 # immutable mappings (rebuilt from a dict) dicts.
 _ALLOWED = {
-    **{(m, n): getattr(_MULTIARRAY, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-       for n in ("_reconstruct", "scalar")},
+    **{(f"numpy{core}.{m}", n): getattr(_MULTIARRAY, n) for core in ("._core", ".core")
+       for m in ("multiarray", "_multiarray_umath") for n in ("_reconstruct", "scalar")},
     ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
     **{(m, n): cls for m in ("numpy", "numpy.dtypes") for n, cls in _DTYPES.items()},
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): codecs.encode,
+    **{(m, n): f for m in ("dill._dill", "dill.dill")  # dill >= 0.3 / older
+       for n, f in (("_create_array", _dill_array), ("_create_namedtuple", _dill_namedtuple),
+                    ("_import_module", _dill_module), ("_get_attr", _dill_attribute))},
     ("byol.byol_experiment", "_ByolExperimentState"): collections.namedtuple(
         "_ByolExperimentState", ["online_params", "target_params", "online_state", "target_state", "opt_state"]),
     ("byol.utils.optimizers", "AddWeightDecayState"): collections.namedtuple("AddWeightDecayState", []),

@@ -2,12 +2,15 @@
 (byol_fast.model.build_encoder(padding="same")), against references written here by hand: explicit
 asymmetric F.pad + F.conv2d(padding=0) + F.max_pool2d, on Haiku's own arrays (HWIO kernels,
 (1, 1, 1, C) batch-norm parameters, EMA averages), Haiku's BlockV1 (stride on the 3x3 conv_1)."""
+import codecs
 import math
 import pickle
+import pickletools
 import sys
 import types
 from typing import NamedTuple
 
+import dill
 import numpy as np
 import pytest
 import torch
@@ -220,8 +223,71 @@ def resnet50_release(tmp_path_factory):
     params, bn_state = to_haiku(state, "res_net50", stem="initial_conv_1")  # as converters of the release expect
     path = tmp_path_factory.mktemp("deepmind") / "pretrain_res50x1.pkl"
     with open(path, "wb") as f:
-        pickle.dump(release(params, bn_state, 2048), f, protocol=2)  # dill.dump(..., protocol=2) in their code
+        dill.dump(release(params, bn_state, 2048), f, protocol=2)  # as byol/utils/checkpointing.py writes it
     return path, load(path), params, bn_state  # load: byol_fast's reader (numpy arrays in plain containers only)
+
+
+class _ModuleName(str):
+    pass
+
+
+class _Dill03(pickle.Pickler):
+    """Writes numpy's built-in _reconstruct and _codecs.encode as dill 0.3 (the release's time) does:
+    ``_get_attr(_import_module(module), name)``; seen by running dill 0.3.2 on a dict of an array
+    (its disassembly: _get_attr, _import_module('numpy._core._multiarray_umath'), '_reconstruct', and
+    the same for '_codecs' 'encode'), which the pinned dill no longer does."""
+
+    def reducer_override(self, obj):
+        if obj is np.ndarray.__reduce__(np.zeros(1))[0]:
+            return dill._dill._get_attr, (_ModuleName("numpy.core._multiarray_umath"), "_reconstruct")
+        if obj is codecs.encode:
+            return dill._dill._get_attr, (_ModuleName("_codecs"), "encode")
+        if type(obj) is _ModuleName:
+            return dill._dill._import_module, (str(obj),)
+        return NotImplemented
+
+
+def test_the_release_is_read_as_dill_0_3_wrote_it(resnet50_release, tmp_path):
+    src, obj = resnet50_release[:2]
+    old = tmp_path / "dill03.pkl"
+    with open(old, "wb") as f:
+        _Dill03(f, protocol=2).dump(obj)
+    names = {arg for op, arg, _ in pickletools.genops(old.read_bytes()) if op.name == "GLOBAL"}
+    assert {"dill._dill _get_attr", "dill._dill _import_module"} <= names and not any("_reconstruct" in n for n in names)
+    assert layouts.convert(load(old), old).state.keys() == layouts.convert(obj, src).state.keys()
+    for module, name in (("os", "system"), ("numpy", "load"), ("builtins", "eval")):
+        class Reach:  # the same two calls, reaching for something else
+            def __reduce__(self):
+                return dill._dill._get_attr, (_ModuleName(module), name)
+        bad = tmp_path / f"{name}.pkl"
+        with open(bad, "wb") as f:
+            _Dill03(f, protocol=2).dump({"w": Reach()})
+        with pytest.raises(CheckpointError, match=f"{module}.{name}"):
+            load(bad)
+
+
+def test_the_release_is_read_as_dill_writes_it(resnet50_release, tmp_path):
+    """dill pickles every numpy array through its own dill._dill._create_array: admitted, and only
+    around numpy's reconstruction of a plain array; a plain pickle of the same arrays reads the same."""
+    src, obj = resnet50_release[:2]
+    names = {arg for op, arg, _ in pickletools.genops(src.read_bytes()) if op.name == "GLOBAL"}
+    assert "dill._dill _create_array" in names  # the test exercises what the real file holds
+    plain = tmp_path / "plain.pkl"
+    plain.write_bytes(pickle.dumps(obj, protocol=2))
+    again = load(plain)
+    conv = obj["experiment_state"]["online_params"]["res_net50/~/initial_conv_1"]["w"]
+    assert type(conv) is np.ndarray and np.array_equal(conv, again["experiment_state"]["online_params"][
+        "res_net50/~/initial_conv_1"]["w"])
+
+    class Sneaky:  # dill's array call, but around another (admitted) callable
+        def __reduce__(self):
+            return dill._dill._create_array, (codecs.encode, ("echo", "latin1"), None, None)
+
+    bad = tmp_path / "sneaky.pkl"
+    bad.write_bytes(pickle.dumps({"w": Sneaky()}, protocol=2))
+    with pytest.raises(CheckpointError, match="encode") as e:
+        load(bad)
+    assert "\n" not in str(e.value)
 
 
 def test_release_converts_and_gives_the_tensorflow_padded_features(resnet50_release, tmp_path, capsys):
@@ -328,11 +394,16 @@ def test_the_real_files_classes_are_read_as_inert_data(resnet50_release, tmp_pat
                       ("haiku", types.ModuleType("haiku")), ("haiku._src", types.ModuleType("haiku._src")),
                       ("haiku._src.data_structures", structures)):
         monkeypatch.setitem(sys.modules, name, mod)
+        if "." in name:  # a package holds its modules, as the writer's installed byol and haiku did
+            parent, child = name.rsplit(".", 1)
+            setattr(sys.modules[parent], child, mod)
     fields = obj["experiment_state"]
     state = _ByolExperimentState(FlatMapping(fields["online_params"]), {}, FlatMapping(fields["online_state"]), {}, [])
     path = tmp_path / "pretrain.pkl"
     with open(path, "wb") as f:
-        pickle.dump({"experiment_state": state, "step": 1}, f, protocol=2)
+        dill.dump({"experiment_state": state, "step": 1}, f, protocol=2)
+    names = {arg for op, arg, _ in pickletools.genops(path.read_bytes()) if op.name == "GLOBAL"}
+    assert {"dill._dill _create_namedtuple", "haiku._src.data_structures FlatMapping"} <= names
     monkeypatch.delitem(sys.modules, "byol.byol_experiment")  # the reader must not need them
     monkeypatch.delitem(sys.modules, "haiku._src.data_structures")
     got = load(path)

@@ -32,8 +32,12 @@ The real file pickles ``_ByolExperimentState`` (``byol.byol_experiment``), Haiku
 (or the earlier ``frozendict``) and the optimizer's state NamedTuples: ``byol_fast.safe_load`` rebuilds
 those as inert data (a namedtuple with the same fields, a dict) without importing them, so this module
 sees ``experiment_state`` as the 5-tuple of its fields (or, re-saved with numpy only, as a mapping of
-the five field names, or those five at the top) and Haiku's mappings as dicts. Not tried on the
-released file itself (it cannot be downloaded here).
+the five field names, or those five at the top) and Haiku's mappings as dicts. dill writes some
+things its own way, which the reader also takes as data: a namedtuple class as
+``dill._dill._create_namedtuple(name, fields, module)``, numpy's array reconstruction as
+``_get_attr(_import_module(...), '_reconstruct')`` (dill 0.3, the release's time) or
+``_create_array`` (dill 0.3.6 and later); tested with files written by dill itself and in dill 0.3's
+form. Not tried on the released file itself (it cannot be downloaded here).
 
 The mapping: ``<net>/~/initial_conv`` -> ``conv1``, ``initial_batchnorm`` -> ``bn1``,
 ``block_group_{g}/~/block_{b}/~/conv_{i}`` / ``batchnorm_{i}`` -> ``layer{g+1}.{b}.conv{i+1}`` /
