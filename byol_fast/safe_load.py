@@ -8,7 +8,8 @@ saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` ret
 
 - torch files, zip or legacy format: ``torch.load(weights_only=True)``, which admits tensors,
   numbers, strings, bytes and containers, plus numpy arrays (:data:`NUMPY_GLOBALS`: numpy rebuilds
-  an array from its raw bytes; no callable of the file's choosing runs);
+  an array from its raw bytes; no callable of the file's choosing runs) and the plain-data classes of
+  :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins;
 - plain pickles of numpy arrays (Paddle's ``.pdparams``, a JAX/Haiku ``.pkl``): :class:`ArrayUnpickler`,
   which admits the same numpy array globals (also as ``dill`` writes them), ``collections.OrderedDict``
   and inert stand-ins of DeepMind's data classes, nothing else.
@@ -37,6 +38,32 @@ _DTYPES = {n: getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType
 
 # What torch.load(weights_only=True) admits beyond its own list: numpy arrays, scalars and dtypes.
 NUMPY_GLOBALS = [_MULTIARRAY._reconstruct, _MULTIARRAY.scalar, np.ndarray, np.dtype, *_DTYPES.values()]
+
+
+class Unread:
+    """An object of a plain-data class that training scripts put beside their weights (the script's
+    ``argparse.Namespace``, mmengine's log buffers), rebuilt without its class: the pickled attributes
+    are kept in ``state`` and nothing of the class's code runs. byol_fast reads no weights from it."""
+
+    kind = "object"
+
+    def __setstate__(self, state) -> None:
+        self.__dict__["state"] = state
+
+    def __repr__(self) -> str:
+        return f"<{self.kind}, not read>"
+
+
+def _unread(kind: str) -> type:
+    return type(kind.rsplit(".", 1)[-1], (Unread,), {"kind": kind, "__module__": __name__})
+
+
+# Plain-data classes found beside the weights of other projects' checkpoints: admitted as Unread
+# stand-ins, in torch files and plain pickles alike (anything else a file names is refused).
+DATA_CLASSES = {name: _unread(name) for name in (
+    "argparse.Namespace",  # training scripts saving their arguments (torchvision's references, DINO, ...)
+    "mmengine.logging.history_buffer.HistoryBuffer",  # an mmengine training checkpoint's message_hub
+)}
 
 
 def _dill_array(rebuild, args, state, attributes=None) -> np.ndarray:
@@ -110,6 +137,7 @@ _ALLOWED = {
     ("haiku._src.data_structures", "FlatMapping"): dict,
     ("haiku._src.data_structures", "frozendict"): dict,
     ("frozendict", "frozendict"): dict,
+    **{tuple(name.rsplit(".", 1)): cls for name, cls in DATA_CLASSES.items()},
 }
 
 
@@ -136,7 +164,7 @@ def read(path: str | Path, map_location="cpu"):
     path = Path(path)
     if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
         try:
-            with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            with torch.serialization.safe_globals([*NUMPY_GLOBALS, *((c, n) for n, c in DATA_CLASSES.items())]):
                 return torch.load(path, map_location=map_location, weights_only=True)
         except pickle.UnpicklingError as e:  # whatever the weights-only reader refused: never advise more
             found = re.search(r"GLOBAL ([\w.]+)", str(e))

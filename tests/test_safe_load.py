@@ -109,3 +109,47 @@ def test_our_checkpoints_load_with_weights_only_alone(tmp_path):
     old_style = {**state, "rng": {**state["rng"], "numpy": np.random.get_state()}}  # before 2026-12-02
     torch.save(old_style, tmp_path / "old.pt")
     assert checkpoint.load(tmp_path / "old.pt")["rng"]["numpy"][0] == "MT19937"  # numpy arrays are data
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_plain_data_beside_the_weights_reads_as_inert_stand_ins(tmp_path, kind, monkeypatch):
+    """A training script's argparse.Namespace and an mmengine checkpoint's log buffers sit beside
+    the weights of files users bring: the weights read, those objects become Unread stand-ins
+    holding their attributes, and their class's own code (here a __setstate__ with a side effect)
+    never runs. The file's other globals are still refused."""
+    import argparse
+    import types
+
+    marker = tmp_path / f"ran-{kind}"
+
+    class HistoryBuffer:
+        def __init__(self):
+            self._log_history = np.arange(3.0)
+
+        def __setstate__(self, state):
+            open(marker, "w").close()
+
+    fake = types.ModuleType("mmengine.logging.history_buffer")
+    HistoryBuffer.__module__, HistoryBuffer.__qualname__ = fake.__name__, "HistoryBuffer"
+    fake.HistoryBuffer = HistoryBuffer
+    parents = {n: types.ModuleType(n) for n in ("mmengine", "mmengine.logging")}
+    parents["mmengine"].logging, parents["mmengine.logging"].history_buffer = parents["mmengine.logging"], fake
+    for name, mod in (*parents.items(), (fake.__name__, fake)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    weights = {"conv1.weight": np.ones((2, 3), np.float32)} if kind == "plain-pickle" else \
+        {"conv1.weight": torch.ones(2, 3)}
+    obj = {"model": weights, "args": argparse.Namespace(lr=0.1, arch="resnet50"),
+           "message_hub": {"log_scalars": {"loss": HistoryBuffer()}}}
+    path = tmp_path / f"train-{kind}.pth"
+    if kind == "plain-pickle":
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    else:
+        torch.save(obj, path, _use_new_zipfile_serialization=kind == "torch-zip")
+    monkeypatch.delitem(sys.modules, fake.__name__)  # the reader must not need the class
+    got = safe_load.read(path)
+    assert not marker.exists()
+    assert got["model"]["conv1.weight"].sum() == 6
+    args, buffer = got["args"], got["message_hub"]["log_scalars"]["loss"]
+    assert isinstance(args, safe_load.Unread) and args.kind == "argparse.Namespace"
+    assert args.state == {"lr": 0.1, "arch": "resnet50"} and "not read" in repr(args)
+    assert isinstance(buffer, safe_load.Unread) and np.array_equal(buffer.state["_log_history"], np.arange(3.0))
