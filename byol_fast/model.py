@@ -279,7 +279,7 @@ class BYOL(nn.Module):
             loss = self.cfg.pixpro_weight * pixel + self.cfg.instance_weight * byol_loss(q1, q2, z_target1, z_target2)
         else:  # the predictor stays in the graph, with no effect (DDP wants every parameter used)
             loss = self.cfg.pixpro_weight * pixel + 0.0 * (q1.sum() + q2.sum())
-        return {"loss": loss, **out, "pixpro_loss": pixel.detach(),
+        return {"loss": loss, **out, "pixpro_loss": pixel.detach(), "pixel_projection": t1,
                 "positive_pairs": positive.float().sum(dim=(1, 2)).mean()}
 
     def _encode(self, tower: Tower, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -262,6 +262,10 @@ class Run:
         for key in ("pixpro_loss", "positive_pairs"):  # PixPro's share of the loss, pixel pairs per image
             if key in self.learner.last:
                 device_stats[f"train/{key}"] = self.learner.last[key].float()
+        if "pixel_projection" in self.learner.last:  # the pixel head's collapse: every pixel of every image alike
+            t = self.learner.last["pixel_projection"]
+            device_stats["collapse/pixel_std_x_sqrt_d"] = collapse_stats(
+                t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]))["collapse/std_x_sqrt_d"]
         # One host sync for all of them (read every log_every steps, never per step).
         stats = dict(zip(device_stats, torch.stack(list(device_stats.values())).tolist()))
         loss = stats.pop("train/loss")
@@ -269,7 +273,8 @@ class Run:
         eta_s = (last_step - self.step) * w["seconds_per_step"]
         extra = ""
         if "train/pixpro_loss" in stats:
-            extra += f" pixpro {stats['train/pixpro_loss']:.4f} pairs {stats['train/positive_pairs']:.1f}"
+            extra += (f" pixpro {stats['train/pixpro_loss']:.4f} pairs {stats['train/positive_pairs']:.1f}"
+                      f" pixel_std*sqrt(d) {stats['collapse/pixel_std_x_sqrt_d']:.3f}")
         if self.probe:
             stats.update(self.probe.read())
             extra += f" probe_top1 {stats['probe/train_top1']:.1f}"

@@ -109,6 +109,8 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "at step 4" in res.stdout and not torn.exists()
+    if loader == "pixpro":  # the progress line watches the pixel head's collapse too
+        assert "pixel_std*sqrt(d) " in res.stdout and "pixpro -" in res.stdout
     assert_same_weights(uninterrupted(loader), weights(killed / "last.pt"))
 
 
