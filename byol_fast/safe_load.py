@@ -7,12 +7,13 @@ saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` ret
 ``load_feature_extractor``, resume, ``convert``) goes through :func:`read`:
 
 - torch files, zip or legacy format: ``torch.load(weights_only=True)``, which admits tensors,
-  numbers, strings, bytes and containers, plus numpy arrays (:data:`NUMPY_GLOBALS`: numpy rebuilds
-  an array from its raw bytes; no callable of the file's choosing runs) and the plain-data classes of
-  :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins;
+  numbers, strings, bytes and containers, plus numpy arrays, scalars and dtypes (numpy's names stand
+  for the checked builders of :mod:`byol_fast.safe_arrays`: numpy never sees the file's array or dtype
+  state) and the plain-data classes of :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins;
 - plain pickles of numpy arrays (Paddle's ``.pdparams``, a JAX/Haiku ``.pkl``): :class:`ArrayUnpickler`,
-  which admits the same numpy array globals (also as ``dill`` writes them), ``collections.OrderedDict``
-  and inert stand-ins of DeepMind's data classes, nothing else.
+  which admits the same numpy builders (also as ``dill`` writes them), ``collections.OrderedDict``
+  and inert stand-ins of DeepMind's data classes, nothing else, and sets state (pickle's BUILD) only
+  on the builders and stand-ins: never on a class or function the allow-list holds.
 
 Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for.
 """
@@ -25,19 +26,13 @@ import re
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from byol_fast import safe_arrays
 
 
 class UnsafeFileError(ValueError):
     """A file that would run code to load; the message names the file and the callable."""
-
-
-_MULTIARRAY = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
-_DTYPES = {n: getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")} if hasattr(np, "dtypes") else {}
-
-# What torch.load(weights_only=True) admits beyond its own list: numpy arrays, scalars and dtypes.
-NUMPY_GLOBALS = [_MULTIARRAY._reconstruct, _MULTIARRAY.scalar, np.ndarray, np.dtype, *_DTYPES.values()]
 
 
 class Unread:
@@ -48,7 +43,9 @@ class Unread:
     kind = "object"
 
     def __setstate__(self, state) -> None:
-        self.__dict__["state"] = state
+        if "state" in self.__dict__:
+            raise UnsafeFileError(f"{self.kind} given its state twice")
+        self.__dict__["state"] = safe_arrays.resolve(state)
 
     def __repr__(self) -> str:
         return f"<{self.kind}, not read>"
@@ -66,12 +63,12 @@ DATA_CLASSES = {name: _unread(name) for name in (
 )}
 
 
-def _dill_array(rebuild, args, state, attributes=None) -> np.ndarray:
+def _dill_array(rebuild, args, state, attributes=None) -> safe_arrays.ArraySpec:
     """What ``dill.dump`` (0.3.6 and later) writes for a numpy array (``dill._dill._create_array``):
-    numpy's own reconstruction, then the array's state. Only that
-    reconstruction is accepted as ``rebuild`` (the unpickler admitted it by name already), and only
-    an array without instance attributes (a plain array has none)."""
-    if rebuild is not _MULTIARRAY._reconstruct:
+    numpy's own reconstruction, then the array's state. Only that reconstruction (here the checked
+    builder standing for it) is accepted as ``rebuild``, and only an array without instance
+    attributes (a plain array has none)."""
+    if rebuild is not safe_arrays.reconstruct:
         raise UnsafeFileError(f"dill's array rebuilt by {getattr(rebuild, '__qualname__', rebuild)!r}")
     if attributes:
         raise UnsafeFileError("dill's array with attributes")
@@ -107,25 +104,37 @@ def _dill_attribute(module, name):
     """``dill._dill._get_attr(module, name)``: dill 0.3 writes numpy's array reconstruction (a built-in
     function) and ``_codecs.encode`` this way; the allow-list's entry for ``module.name``, nothing else."""
     if type(module) is not _Module or (str(module), name) not in _ALLOWED:
-        raise UnsafeFileError(f"{module}.{name}")
+        raise UnsafeFileError(f"loading it would call {module}.{name}")
     return _ALLOWED[(str(module), name)]
 
 
+def _codecs_encode(text, encoding="utf-8") -> bytes:
+    """``_codecs.encode(text, "latin1")``: how protocol-2 pickles write bytes (no other codec is looked up)."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafeFileError(f"loading it would call _codecs.encode with {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _empty_bytes(*args) -> bytes:
+    """``bytes()``: how protocol-2 pickles write an empty bytes object (an empty array's data)."""
+    if args:
+        raise UnsafeFileError("loading it would call bytes with arguments")
+    return b""
+
+
 # The one allow-list of plain pickles: (module, name) -> what it may stand for. numpy's array and
-# scalar reconstruction (under the module names numpy 1 and numpy 2 write) and dtypes, OrderedDict,
-# the str -> bytes encoding with which protocol-2 pickles write bytes, what dill writes for an array,
+# scalar reconstruction and dtypes (under the names numpy 1 and 2 write; the checked builders of
+# byol_fast.safe_arrays stand for them), OrderedDict,
+# the str -> bytes encoding with which protocol-2 pickles write bytes (and empty bytes), what dill writes for an array,
 # for a namedtuple class and for a built-in function (_dill_array, _dill_namedtuple, _dill_attribute:
 # DeepMind's BYOL release was written with dill 0.3); and, as inert stand-ins of the
 # same shape, never imported, the data-only classes of DeepMind's BYOL release
 # (byol_fast.layouts.deepmind): its NamedTuples become namedtuples with their fields, Haiku's
 # immutable mappings (rebuilt from a dict) dicts.
 _ALLOWED = {
-    **{(f"numpy{core}.{m}", n): getattr(_MULTIARRAY, n) for core in ("._core", ".core")
-       for m in ("multiarray", "_multiarray_umath") for n in ("_reconstruct", "scalar")},
-    ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
-    **{(m, n): cls for m in ("numpy", "numpy.dtypes") for n, cls in _DTYPES.items()},
+    **{tuple(name.rsplit(".", 1)): builder for name, builder in safe_arrays.GLOBALS.items()},
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("_codecs", "encode"): codecs.encode,
+    ("_codecs", "encode"): _codecs_encode, **{(m, "bytes"): _empty_bytes for m in ("builtins", "__builtin__")},
     **{(m, n): f for m in ("dill._dill", "dill.dill")  # dill >= 0.3 / older
        for n, f in (("_create_array", _dill_array), ("_create_namedtuple", _dill_namedtuple),
                     ("_import_module", _dill_module), ("_get_attr", _dill_attribute))},
@@ -141,18 +150,43 @@ _ALLOWED = {
 }
 
 
-class ArrayUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays in plain containers (and the stand-ins above) and refuses every other global."""
+# The objects whose state a file may set (pickle's BUILD): the numpy builders and the Unread stand-ins.
+_BUILDABLE = (safe_arrays.ArraySpec, safe_arrays.DtypeSpec, Unread)
+
+
+class ArrayUnpickler(pickle._Unpickler):
+    """Unpickles numpy arrays in plain containers (and the stand-ins above) and refuses every other
+    global. Python's own unpickler (not the C one) so that BUILD can be checked: the C unpickler sets
+    any attribute a file names on any object, the allow-listed classes and functions included, and
+    a later file would read through what an earlier one changed."""
 
     def find_class(self, module: str, name: str):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise UnsafeFileError(f"{module}.{name}") from None
+            raise UnsafeFileError(f"loading it would call {module}.{name}") from None
+
+    def load_build(self) -> None:
+        state, inst = self.stack.pop(), self.stack[-1]
+        if not isinstance(inst, _BUILDABLE) or type(inst) is Unread:
+            raise UnsafeFileError(f"setting the state of {_named(inst)}")
+        inst.__setstate__(state)
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
 
 
-def _refusal(path: Path, what: str) -> UnsafeFileError:
-    return UnsafeFileError(f"{path}: refused: loading it would call {what}; byol_fast reads only tensors, "
+def _named(obj) -> str:
+    return getattr(obj, "__qualname__", None) or f"a {type(obj).__qualname__} object"
+
+
+# What torch's weights-only reader may meet beyond its own list, under the names files use: numpy's
+# names for the checked builders, the plain-data classes as Unread stand-ins.
+_TORCH_GLOBALS = [*((builder, name) for name, builder in safe_arrays.GLOBALS.items()), (_empty_bytes, "builtins.bytes"),
+                  *((cls, name) for name, cls in DATA_CLASSES.items())]
+
+
+def _refusal(path: Path, why: str) -> UnsafeFileError:
+    return UnsafeFileError(f"{path}: refused: {why}; byol_fast reads only tensors, "
                            "arrays, numbers, strings and containers from a file, never code")
 
 
@@ -164,12 +198,15 @@ def read(path: str | Path, map_location="cpu"):
     path = Path(path)
     if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
         try:
-            with torch.serialization.safe_globals([*NUMPY_GLOBALS, *((c, n) for n, c in DATA_CLASSES.items())]):
-                return torch.load(path, map_location=map_location, weights_only=True)
+            with torch.serialization.safe_globals(_TORCH_GLOBALS):
+                return safe_arrays.resolve(torch.load(path, map_location=map_location, weights_only=True))
+        except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
+            raise _refusal(path, str(e)) from None
         except pickle.UnpicklingError as e:  # whatever the weights-only reader refused: never advise more
             found = re.search(r"GLOBAL ([\w.]+)", str(e))
             detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
-            raise _refusal(path, found.group(1) if found else (detail.group(1) if detail else "code")) from None
+            what = found.group(1) if found else (detail.group(1) if detail else "code")
+            raise _refusal(path, f"loading it would call {what}") from None
     return read_pickle(path)
 
 
@@ -189,6 +226,6 @@ def read_pickle(path: str | Path):
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            return ArrayUnpickler(f).load()
-        except UnsafeFileError as e:
+            return safe_arrays.resolve(ArrayUnpickler(f).load())
+        except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
             raise _refusal(path, str(e)) from None

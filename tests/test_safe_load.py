@@ -153,3 +153,154 @@ def test_plain_data_beside_the_weights_reads_as_inert_stand_ins(tmp_path, kind, 
     assert isinstance(args, safe_load.Unread) and args.kind == "argparse.Namespace"
     assert args.state == {"lr": 0.1, "arch": "resnet50"} and "not read" in repr(args)
     assert isinstance(buffer, safe_load.Unread) and np.array_equal(buffer.state["_log_history"], np.arange(3.0))
+
+
+# numpy's array and dtype state, forged: numpy trusts it, so the readers must not hand it over.
+_RECONSTRUCT = (np._core if hasattr(np, "_core") else np.core).multiarray._reconstruct
+
+
+class _Dtype:
+    """Pickles as numpy writes a dtype (``dtype(code, False, True)`` then BUILD), with any state."""
+
+    def __init__(self, code, state):
+        self.code, self.state = code, state
+
+    def __reduce__(self):
+        return np.dtype, (self.code, False, True), self.state
+
+
+class _Array:
+    """Pickles as numpy writes an array (``_reconstruct`` then BUILD), with any dtype and data."""
+
+    def __init__(self, shape, dtype, data):
+        self.state = (1, shape, dtype, False, data)
+
+    def __reduce__(self):
+        return _RECONSTRUCT, (np.ndarray, (0,), b"b"), self.state
+
+
+FORGED = {
+    # a void dtype claiming an object field while its flags say it holds no objects: numpy reads
+    # the file's 8 bytes as a pointer to a Python object
+    "object-field": _Array((1,), _Dtype("V8", (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 0)), b"A" * 8),
+    "object-field-flagged": _Array((1,), _Dtype("V8", (3, "|", None, ("a",), {"a": (np.dtype("O"), 0)}, 8, 1, 1)),
+                                   b"A" * 8),
+    # an object array given raw bytes instead of its list of objects
+    "object-raw-bytes": _Array((1,), _Dtype("O8", (3, "|", None, None, None, -1, -1, 63)), b"A" * 8),
+    # fewer bytes than the shape needs
+    "short-data": _Array((4,), _Dtype("f4", (3, "<", None, None, None, -1, -1, 0)), b"\0" * 8),
+    # a scalar of an object-field dtype
+    "object-scalar": None,
+}
+
+
+def _write(obj, path, kind):
+    if kind == "plain-pickle":
+        path.write_bytes(pickle.dumps({"w": obj}, protocol=2))
+    else:
+        torch.save({"w": obj}, path, _use_new_zipfile_serialization=kind == "torch-zip")
+
+
+def test_forged_numpy_state_is_refused_and_never_reaches_numpy(tmp_path):
+    """Each forged file is read in a child process, so that numpy crashing on it (what happens when
+    the forged state reaches numpy's __setstate__) fails the test instead of the test run."""
+    forged = {**FORGED, "object-scalar": _Scalar(_Dtype("V8", FORGED["object-field"].state[2].state), b"A" * 8)}
+    paths = []
+    for name, obj in forged.items():
+        for kind in KINDS:
+            paths.append(tmp_path / f"{name}-{kind}.pt")
+            _write(obj, paths[-1], kind)
+    script = ("import sys\nfrom byol_fast import safe_load\nfor p in sys.argv[1:]:\n"
+              "    try:\n        safe_load.read(p); print('READ', p, flush=True)\n"
+              "    except safe_load.UnsafeFileError as e:\n        print('REFUSED', e, flush=True)\n")
+    run = subprocess.run([sys.executable, "-c", script, *map(str, paths)], cwd=ROOT, env=CHILD_ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]  # a negative code: numpy crashed on the forged state
+    lines = run.stdout.splitlines()
+    assert len(lines) == len(paths) and all(line.startswith("REFUSED") for line in lines), lines
+    assert all(str(p) in line for p, line in zip(paths, lines))
+    assert "structured or sub-array numpy dtype" in lines[0] and "object array" in lines[2 * len(KINDS)]
+
+
+class _Scalar:
+    def __init__(self, dtype, data):
+        self.dtype, self.data = dtype, data
+
+    def __reduce__(self):
+        return (np._core if hasattr(np, "_core") else np.core).multiarray.scalar, (self.dtype, self.data)
+
+
+def test_a_dtype_reads_with_numpy_s_own_flags_whatever_the_file_says(tmp_path):
+    """A float dtype whose state claims numpy's object flags is still a float dtype: the flags, item
+    size and alignment come from numpy for the type code, never from the file."""
+    raw = np.arange(3, dtype="<f8").tobytes()
+    path = tmp_path / "flags.pkl"
+    path.write_bytes(pickle.dumps({"w": _Array((3,), _Dtype("f8", (3, "<", None, None, None, 99, 99, 63)), raw)}))
+    got = safe_load.read(path)["w"]
+    assert type(got) is np.ndarray and got.dtype == np.float64 and not got.dtype.hasobject
+    assert got.tolist() == [0.0, 1.0, 2.0]
+
+
+LEGIT = {
+    "f32": np.arange(24, dtype=np.float32).reshape(2, 3, 4), "f16-big-endian": np.arange(5, dtype=">f2"),
+    "fortran": np.asfortranarray(np.arange(6.0).reshape(2, 3)), "int64": np.array([-1, 2**40]),
+    "bool": np.array([True, False]), "complex": np.array([1 + 2j]), "unicode": np.array(["ab", "c"]),
+    "bytes": np.array([b"xy"]), "zero-d": np.array(3.5), "empty": np.zeros((0, 3), np.uint8),
+    "objects": np.array([None, "s", np.arange(2)], dtype=object),
+    "datetime": np.array(["2020-01-01T10:00"], dtype="M8[m]"), "timedelta": np.timedelta64(5, "ms"),
+    "scalars": (np.float32(1.5), np.int8(-3), np.bool_(True), np.datetime64("2020-01-01")),
+    "dtypes": [np.dtype("f4"), np.dtype(">i8"), np.dtype("U3")],
+}
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_arrays_read_as_numpy_s_own_unpickler_reads_them(tmp_path, protocol):
+    """The checked builders against numpy's own unpickling (the reference), plain pickles and torch files."""
+    reference = pickle.loads(pickle.dumps(LEGIT, protocol=protocol))
+    path = tmp_path / "legit.pkl"
+    path.write_bytes(pickle.dumps(LEGIT, protocol=protocol))
+    torch.save(LEGIT, tmp_path / "legit.pt")
+    for got in (safe_load.read(path), safe_load.read(tmp_path / "legit.pt")):
+        assert got.keys() == reference.keys()
+        for key, want in reference.items():
+            if isinstance(want, np.ndarray):
+                assert type(got[key]) is np.ndarray and got[key].dtype == want.dtype, key
+                assert got[key].shape == want.shape and got[key].flags.f_contiguous == want.flags.f_contiguous, key
+                if want.dtype.hasobject:
+                    assert got[key][:2].tolist() == want[:2].tolist() and np.array_equal(got[key][2], want[2])
+                else:
+                    assert got[key].tobytes() == want.tobytes(), key
+            else:
+                assert repr(got[key]) == repr(want), key
+
+
+def _global(module, name):
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _text(value):
+    return b"X" + len(value.encode()).to_bytes(4, "little") + value.encode()
+
+
+@pytest.mark.parametrize("target", [("dill._dill", "_create_namedtuple"), ("argparse", "Namespace"),
+                                    ("byol.byol_experiment", "_ByolExperimentState"), ("numpy", "dtype")])
+def test_a_file_cannot_set_attributes_on_what_the_allow_list_holds(tmp_path, target):
+    """pickle's BUILD with a slot-state dict sets attributes on any object: on an allow-listed class
+    or function it would change how every later file reads. Only the array builders and the Unread
+    stand-ins take state."""
+    before = safe_load._ALLOWED[target].__dict__.copy() if hasattr(safe_load._ALLOWED[target], "__dict__") else None
+    body = _global(*target) + b"N}" + _text("__defaults__") + b"(" + _text("x") + b"ts\x86b"
+    path = tmp_path / "build.pkl"
+    path.write_bytes(b"\x80\x02" + body + b".")
+    with pytest.raises(safe_load.UnsafeFileError, match="refused: setting the state of"):
+        safe_load.read(path)
+    if before is not None:
+        assert "__defaults__" not in safe_load._ALLOWED[target].__dict__ or \
+            safe_load._ALLOWED[target].__dict__["__defaults__"] == before.get("__defaults__")
+
+
+def test_bytes_are_decoded_only_as_protocol_2_writes_them(tmp_path):
+    path = tmp_path / "codec.pkl"
+    path.write_bytes(b"\x80\x02" + _global("_codecs", "encode") + b"(" + _text("x") + _text("idna") + b"tR.")
+    with pytest.raises(safe_load.UnsafeFileError, match="_codecs.encode with 'idna'"):
+        safe_load.read(path)

@@ -1,0 +1,181 @@
+"""numpy arrays, scalars and dtypes rebuilt from a pickle's data without handing numpy the file's state.
+
+numpy pickles an array as ``_reconstruct(ndarray, (0,), b"b")`` followed by a BUILD of
+``(version, shape, dtype, is_fortran, raw)``, and a dtype as ``dtype("f4", False, True)`` followed
+by a BUILD of its state (byte order, fields, sizes, flags). numpy trusts that state: a dtype whose
+state claims object fields but whose flags say "no objects", or an object array given raw bytes,
+makes numpy read the file's bytes as pointers to Python objects (a crash, or worse, when the array is
+freed). So a reader that admits numpy's names must not let numpy's own ``__setstate__`` see them.
+
+Here each of those names stands for a small builder instead:
+
+- :class:`DtypeSpec` (for ``numpy.dtype``) keeps only the type code the file gives (``"f4"``, ``"U2"``,
+  ``"O8"``, ``"M8"``), the byte order and a datetime unit, and makes the dtype from them with
+  ``np.dtype(code)``: flags and sizes are numpy's, never the file's; structured and sub-array dtypes
+  are refused;
+- :class:`ArraySpec` (for ``numpy.ndarray`` and :func:`reconstruct`) checks the shape and the data
+  (raw bytes of exactly shape x itemsize for plain dtypes, a list of objects for object arrays) and
+  builds the array with ``np.frombuffer`` or element by element;
+- :func:`scalar` (for numpy's scalar reconstruction) the same for one value.
+
+Both readers of :mod:`byol_fast.safe_load` (torch's weights-only unpickler and the plain-pickle
+one) map numpy's names to these, and :func:`resolve` replaces the specs in what they return by
+the arrays and dtypes built.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+
+
+class UnsafeArrayError(ValueError):
+    """Array or dtype data that numpy must not be handed; the message says what was wrong."""
+
+
+_DATETIME_UNIT = re.compile(r"^(Y|M|W|D|h|m|s|ms|us|μs|ns|ps|fs|as|generic)$")
+
+
+class DtypeSpec:
+    """A numpy dtype as a pickle describes it: ``DtypeSpec(code, align, copy)`` then ``__setstate__``."""
+
+    def __init__(self, code=None, align=False, copy=False):
+        if not isinstance(code, str) or not re.fullmatch(r"[a-zA-Z?]\d*", code):
+            raise UnsafeArrayError(f"numpy dtype {code!r}: only a plain type code is read")
+        try:
+            self._base = np.dtype(code)
+        except TypeError as e:
+            raise UnsafeArrayError(f"numpy dtype {code!r} ({e})") from None
+        self.dtype = None
+
+    def __setstate__(self, state) -> None:
+        if not hasattr(self, "_base") or self.dtype is not None:
+            raise UnsafeArrayError("numpy dtype state without its type code, or given twice")
+        if not isinstance(state, tuple) or len(state) not in (8, 9) or state[0] not in (3, 4):
+            raise UnsafeArrayError("numpy dtype state of an unknown layout")
+        order, subarray, names, fields = state[1:5]
+        if subarray is not None or names is not None or fields is not None:
+            raise UnsafeArrayError("structured or sub-array numpy dtype (weights are plain arrays)")
+        if order not in ("<", ">", "|", "="):
+            raise UnsafeArrayError(f"numpy dtype byte order {order!r}")
+        dtype = self._base
+        if dtype.kind in "mM":
+            dtype = _with_unit(dtype, state[8] if len(state) == 9 else None)
+        if order in "<>" and dtype.byteorder != "|":
+            dtype = dtype.newbyteorder(order)
+            dtype = dtype.newbyteorder("=") if dtype.isnative else dtype
+        self.dtype = dtype  # flags, item size and alignment are numpy's for this code, never the file's
+
+    def resolved(self) -> np.dtype:
+        if self.dtype is None:
+            raise UnsafeArrayError("numpy dtype used before its state was read")
+        return self.dtype
+
+
+def _with_unit(dtype: np.dtype, extra) -> np.dtype:
+    """A datetime64/timedelta64 dtype with the unit numpy writes as ``(metadata, (unit, num, den, events))``
+    (numpy 1 wrote the unit tuple alone)."""
+    units = extra[1] if isinstance(extra, tuple) and len(extra) == 2 else extra
+    if units is None:
+        return dtype
+    if not (isinstance(units, tuple) and len(units) == 4 and isinstance(units[0], bytes)
+            and type(units[1]) is int and units[1] > 0):
+        raise UnsafeArrayError(f"numpy datetime unit {units!r}")
+    unit = units[0].decode("utf-8", "replace")
+    if not _DATETIME_UNIT.match(unit):
+        raise UnsafeArrayError(f"numpy datetime unit {unit!r}")
+    return np.dtype(f"{dtype.str[1:3]}[{units[1]}{unit}]") if unit != "generic" else dtype
+
+
+class ArraySpec:
+    """A numpy array as a pickle describes it: made by :func:`reconstruct`, filled by ``__setstate__``."""
+
+    def __init__(self) -> None:
+        self.array = None
+
+    def __setstate__(self, state) -> None:
+        if self.array is not None:
+            raise UnsafeArrayError("numpy array state given twice")
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise UnsafeArrayError("numpy array state of an unknown layout")
+        shape, dtype, fortran, data = state[-4:]
+        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+            raise UnsafeArrayError(f"numpy array shape {shape!r}")
+        if not isinstance(dtype, DtypeSpec):
+            raise UnsafeArrayError("numpy array without a numpy dtype")
+        dtype, count, order = dtype.resolved(), math.prod(shape), "F" if fortran else "C"
+        if dtype.hasobject:
+            if not isinstance(data, list) or len(data) != count:
+                raise UnsafeArrayError("numpy object array whose data is not its list of objects")
+            flat = np.empty(count, dtype=object)
+            for i, item in enumerate(data):
+                flat[i] = resolve(item)
+        else:
+            if not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+                raise UnsafeArrayError(f"numpy array data of {len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__}"
+                                       f" bytes for shape {shape} of {dtype}")
+            flat = np.frombuffer(data, dtype=dtype, count=count)
+            flat = flat.astype(dtype.newbyteorder("=")) if not dtype.isnative else flat.copy()  # as numpy does
+        self.array = flat.reshape(shape, order=order)
+
+    def resolved(self) -> np.ndarray:
+        if self.array is None:
+            raise UnsafeArrayError("numpy array used before its state was read")
+        return self.array
+
+
+def reconstruct(subtype, shape, typecode) -> ArraySpec:
+    """numpy's ``_reconstruct(ndarray, (0,), b"b")``, the empty array a pickle then fills."""
+    if subtype is not ArraySpec:
+        raise UnsafeArrayError(f"numpy array of subtype {subtype!r}")
+    return ArraySpec()
+
+
+def scalar(dtype, data=None):
+    """numpy's scalar reconstruction ``scalar(dtype, raw bytes)`` (an object dtype holds the object)."""
+    if not isinstance(dtype, DtypeSpec):
+        raise UnsafeArrayError("numpy scalar without a numpy dtype")
+    dtype = dtype.resolved()
+    if dtype.hasobject:
+        return resolve(data)
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise UnsafeArrayError(f"numpy scalar data for {dtype}")
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+
+def resolve(obj, _seen=None):
+    """``obj`` with the specs in its dicts, lists and tuples (namedtuples too) replaced by the arrays
+    and dtypes they built; other objects are returned as they are."""
+    if isinstance(obj, (ArraySpec, DtypeSpec)):
+        return obj.resolved()
+    if not isinstance(obj, (dict, list, tuple)):
+        return obj
+    seen = {} if _seen is None else _seen
+    if id(obj) in seen:  # shared or cyclic containers are visited once
+        return seen[id(obj)]
+    if isinstance(obj, dict):
+        seen[id(obj)] = obj
+        for key, value in obj.items():
+            obj[key] = resolve(value, seen)
+        return obj
+    if isinstance(obj, list):
+        seen[id(obj)] = obj
+        obj[:] = [resolve(item, seen) for item in obj]
+        return obj
+    seen[id(obj)] = obj
+    items = [resolve(item, seen) for item in obj]
+    if all(a is b for a, b in zip(items, obj)):
+        return obj
+    rebuilt = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    seen[id(obj)] = rebuilt
+    return rebuilt
+
+
+# The names numpy 1 and 2 write, and what each stands for in byol_fast's readers.
+GLOBALS = {
+    **{f"numpy.{core}.{module}.{name}": f for core in ("_core", "core") for module in ("multiarray", "_multiarray_umath")
+       for name, f in (("_reconstruct", reconstruct), ("scalar", scalar))},
+    "numpy.ndarray": ArraySpec,
+    "numpy.dtype": DtypeSpec,
+}
