@@ -34,6 +34,15 @@ from .runtime import NEVER, PREEMPTED_EXIT, Process, SaveSchedule, per_process_b
 from .schedules import lr_at, scaled_lr
 
 RESULTS = "results.json"
+# The recipe in a run's source (since 2026-12-03), so that a sweep sharing one out_dir never resumes
+# another learning rate, batch size or seed; files written before lack these keys and still resume.
+# Epochs stay out: a finished run may be extended (--epochs=N+k resumes after epoch N).
+RECIPE_KEYS = ("seed", "lr", "batch_size")
+
+
+def same_source(stored, source: dict) -> bool:
+    """Whether a checkpoint's stored source is this run's (an older file without the recipe keys too)."""
+    return isinstance(stored, dict) and stored == {k: v for k, v in source.items() if k in stored or k not in RECIPE_KEYS}
 
 
 def output_dir(cfg: LinearConfig) -> Path:
@@ -128,9 +137,9 @@ class ClassifierRun:
                                    str(path))
         elif self.finetune:
             labelled = index.labelled_fraction(cfg.label_fraction, cfg.seed)
-        if self.finetune:
-            self.log(f"labelled subset: {len(labelled)} of {len(index)} training images")
         if not cfg.holdout:
+            if self.finetune:
+                self.log(f"labelled subset: {len(labelled)} of {len(index)} training images")
             val = split_index(self.data.path, "val", self.info, workers)
             if index.classes != val.classes:
                 raise ConfigError(f"data.path: train/ and val/ of {self.data.path} have different class folders")
@@ -138,7 +147,14 @@ class ClassifierRun:
         if cfg.holdout >= len(index):
             raise ConfigError(f"holdout: {cfg.holdout} images is not fewer than the {len(index)} of "
                               f"{store.join(self.data.path, 'train')}")
-        train, held = index.held_out(labelled, cfg.holdout, cfg.seed)
+        try:
+            train, held = index.held_out(labelled, cfg.holdout, cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"holdout: {e} ({store.join(self.data.path, 'train')})") from None
+        if self.finetune:
+            self.log(f"labelled subset: {len(train)} of {len(index)} training images"
+                     + (f" ({len(labelled) - len(train)} of the {len(labelled)} drawn went to the held-out split)"
+                        if len(train) < len(labelled) else ""))
         self.log(f"validation: {len(held)} images held out of train/ (not val/); training on {len(train)}")
         return index.take(train), index.take(held)
 
@@ -177,6 +193,7 @@ class ClassifierRun:
             source.update(finetune=True, label_fraction=self.cfg.label_fraction, subset=self.cfg.subset)
         if self.cfg.holdout:
             source["holdout"] = self.cfg.holdout
+        source.update({key: getattr(self.cfg, key) for key in RECIPE_KEYS})
         return source
 
     def save(self) -> None:
@@ -198,7 +215,7 @@ class ClassifierRun:
         if not path.exists():
             return
         state = ckpt.load(path)
-        if ckpt.kind_of(state) != ckpt.LINEAR or state.get("source") != self.source():
+        if ckpt.kind_of(state) != ckpt.LINEAR or not same_source(state.get("source"), self.source()):
             raise ckpt.CheckpointError(f"{path} holds another evaluation ({state.get('source')}); "
                                        f"this run is {self.source()}: use another out_dir")
         # The stored encoder is the one the classifier was trained on (a random init included).

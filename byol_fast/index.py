@@ -73,8 +73,9 @@ class LabelledSamples:
     def held_out(self, labelled: list[int], n: int, seed: int) -> tuple[list[int], list[int]]:
         """``(labelled, held)`` positions: ``n`` samples set aside as a local validation split (the BYOL
         paper picks its evaluation hyper-parameters on 10,009 ImageNet training images), drawn at random
-        (seeded) from the samples outside ``labelled`` when there are that many, so that the labelled
-        subset stays what it is without a hold-out; else drawn from ``labelled`` and taken out of it."""
+        (seeded) from the samples outside ``labelled``, so that the labelled subset stays what it is;
+        when those are fewer than ``n``, all of them and the rest drawn from ``labelled`` (taken out of
+        it), never its last image of a class. A ValueError says why when ``n`` cannot be held out."""
         import numpy as np
 
         if not 0 < n < len(self.labels):
@@ -82,12 +83,21 @@ class LabelledSamples:
         rng = np.random.default_rng([seed, 1])  # not the labelled subset's draw
         chosen = set(labelled)
         rest = [i for i in range(len(self.labels)) if i not in chosen]
-        pool = rest if len(rest) >= n else sorted(chosen)
-        held = sorted(rng.choice(pool, n, replace=False).tolist())
-        if pool is not rest:
-            taken = set(held)
-            labelled = [i for i in labelled if i not in taken]
-        return sorted(labelled), held
+        if len(rest) >= n:
+            return sorted(labelled), sorted(rng.choice(rest, n, replace=False).tolist())
+        left = Counter(self.labels[i] for i in chosen)
+        taken = []
+        for i in rng.permutation(sorted(chosen)).tolist():
+            if len(rest) + len(taken) == n:
+                break
+            if left[self.labels[i]] > 1:
+                left[self.labels[i]] -= 1
+                taken.append(i)
+        if len(rest) + len(taken) < n:
+            raise ValueError(f"{n} held-out images of {len(self.labels)} would leave a class without a labelled "
+                             f"image to train on (at most {len(rest) + len(taken)} can be held out)")
+        taken_set = set(taken)
+        return sorted(i for i in chosen if i not in taken_set), sorted(rest + taken)
 
     def take(self, positions: list[int]) -> "LabelledSamples":
         """The samples at ``positions`` (ascending), as an index of the same kind."""

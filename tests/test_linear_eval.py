@@ -320,3 +320,33 @@ def _finetune_worker(rank, ckpt, data, out):
     code = finetune.main(["--checkpoint", ckpt, "--data", data, f"--out_dir={out}", *FAST, "--epochs=1",
                           "--device=cpu", "--label_fraction=0.5", "--batch_size=4"])
     assert code == 0
+
+
+def test_a_hold_out_larger_than_the_images_outside_the_subset_keeps_every_class(tmp_path):
+    """When the images outside the labelled subset are too few, the rest of the split comes out of the
+    subset, never its last image of a class; a split that cannot be held out is a one-line reason."""
+    from byol_fast.index import build_index
+    from conftest import write_noise_jpegs
+
+    write_noise_jpegs(tmp_path / "train", 16)  # classes c0 and c1, 8 images each
+    index = build_index(tmp_path / "train")
+    listed = index.named(["0.jpg", "1.jpg", "2.jpg", "3.jpg"], "list")  # two of each class
+    train, held = index.held_out(listed, 14, seed=0)  # the 12 others and 2 of the 4
+    assert len(held) == 14 and set(train) | set(held) == set(range(16)) and not set(train) & set(held)
+    assert sorted(index.labels[i] for i in train) == [0, 1]
+    with pytest.raises(ValueError, match="would leave a class without a labelled image"):
+        index.held_out(listed, 15, seed=0)
+
+
+def test_a_sweep_sharing_one_out_dir_never_resumes_another_point(data_root, pretrain_ckpt, tmp_path, capsys):
+    from byol_fast.downstream import same_source
+
+    args = ["--checkpoint", str(pretrain_ckpt), "--data", str(data_root), *FAST, "--epochs=1",
+            f"--out_dir={tmp_path / 'sweep'}"]
+    assert linear_eval.main(args + ["--lr=0.2"]) == 0
+    capsys.readouterr()
+    assert linear_eval.main(args + ["--lr=0.4"]) == 2
+    assert "another evaluation" in capsys.readouterr().err
+    source = json.loads((tmp_path / "sweep" / "results.json").read_text())["source"]
+    older = {k: v for k, v in source.items() if k not in ("seed", "lr", "batch_size")}  # before 2026-12-03
+    assert same_source(older, source) and not same_source({**older, "init": "random"}, source)
