@@ -34,11 +34,15 @@ class UnsafeArrayError(ValueError):
     """Array or dtype data that numpy must not be handed; the message says what was wrong."""
 
 
-_DATETIME_UNIT = re.compile(r"^(Y|M|W|D|h|m|s|ms|us|μs|ns|ps|fs|as|generic)$")
+_DATETIME_UNIT = re.compile(r"Y|M|W|D|h|m|s|ms|us|μs|ns|ps|fs|as|generic")
+MAX_DIMS = 64  # numpy's own limit
+MAX_NESTING = 32  # object arrays holding object arrays: numpy frees such a chain recursively, in C
 
 
 class DtypeSpec:
     """A numpy dtype as a pickle describes it: ``DtypeSpec(code, align, copy)`` then ``__setstate__``."""
+
+    dtype = None  # also for an instance made without __init__ (pickle's NEWOBJ)
 
     def __init__(self, code=None, align=False, copy=False):
         if not isinstance(code, str) or not re.fullmatch(r"[a-zA-Z?]\d*", code):
@@ -83,7 +87,7 @@ def _with_unit(dtype: np.dtype, extra) -> np.dtype:
             and type(units[1]) is int and units[1] > 0):
         raise UnsafeArrayError(f"numpy datetime unit {units!r}")
     unit = units[0].decode("utf-8", "replace")
-    if not _DATETIME_UNIT.match(unit):
+    if not _DATETIME_UNIT.fullmatch(unit):
         raise UnsafeArrayError(f"numpy datetime unit {unit!r}")
     return np.dtype(f"{dtype.str[1:3]}[{units[1]}{unit}]") if unit != "generic" else dtype
 
@@ -91,8 +95,8 @@ def _with_unit(dtype: np.dtype, extra) -> np.dtype:
 class ArraySpec:
     """A numpy array as a pickle describes it: made by :func:`reconstruct`, filled by ``__setstate__``."""
 
-    def __init__(self) -> None:
-        self.array = None
+    array = None  # also for an instance made without __init__ (pickle's NEWOBJ)
+    nesting = 0  # object arrays inside it, one in another
 
     def __setstate__(self, state) -> None:
         if self.array is not None:
@@ -100,14 +104,21 @@ class ArraySpec:
         if not isinstance(state, tuple) or len(state) not in (4, 5):
             raise UnsafeArrayError("numpy array state of an unknown layout")
         shape, dtype, fortran, data = state[-4:]
-        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
-            raise UnsafeArrayError(f"numpy array shape {shape!r}")
+        if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS
+                and all(type(n) is int and 0 <= n < 2**62 for n in shape)):
+            raise UnsafeArrayError(f"numpy array shape {str(shape)[:80]}")
         if not isinstance(dtype, DtypeSpec):
             raise UnsafeArrayError("numpy array without a numpy dtype")
         dtype, count, order = dtype.resolved(), math.prod(shape), "F" if fortran else "C"
         if dtype.hasobject:
             if not isinstance(data, list) or len(data) != count:
                 raise UnsafeArrayError("numpy object array whose data is not its list of objects")
+            inner = [item for item in data if isinstance(item, (ArraySpec, np.ndarray))]
+            if any(isinstance(item, np.ndarray) and item.dtype.hasobject for item in inner):
+                raise UnsafeArrayError("numpy object array holding an object array not read from the file")
+            self.nesting = 1 + max((item.nesting for item in inner if isinstance(item, ArraySpec)), default=0)
+            if self.nesting > MAX_NESTING:
+                raise UnsafeArrayError(f"numpy object arrays nested over {MAX_NESTING} deep")
             flat = np.empty(count, dtype=object)
             for i, item in enumerate(data):
                 flat[i] = resolve(item)
@@ -116,6 +127,8 @@ class ArraySpec:
                 raise UnsafeArrayError(f"numpy array data of {len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__}"
                                        f" bytes for shape {shape} of {dtype}")
             flat = np.frombuffer(data, dtype=dtype, count=count)
+            if dtype.kind == "U":
+                _check_code_points(flat, dtype)
             flat = flat.astype(dtype.newbyteorder("=")) if not dtype.isnative else flat.copy()  # as numpy does
         self.array = flat.reshape(shape, order=order)
 
@@ -123,6 +136,14 @@ class ArraySpec:
         if self.array is None:
             raise UnsafeArrayError("numpy array used before its state was read")
         return self.array
+
+
+def _check_code_points(flat: np.ndarray, dtype: np.dtype) -> None:
+    """numpy's unicode strings are UCS-4 code points; any above U+10FFFF (or a surrogate) makes a
+    string numpy cannot build (a SystemError on reading it)."""
+    points = flat.view(dtype.byteorder + "u4")  # "=", "<" or ">": the strings' own byte order
+    if ((points > 0x10FFFF) | ((points >= 0xD800) & (points <= 0xDFFF))).any():
+        raise UnsafeArrayError("numpy unicode array holding code points that are not characters")
 
 
 def reconstruct(subtype, shape, typecode) -> ArraySpec:
@@ -141,7 +162,10 @@ def scalar(dtype, data=None):
         return resolve(data)
     if not isinstance(data, bytes) or len(data) != dtype.itemsize:
         raise UnsafeArrayError(f"numpy scalar data for {dtype}")
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
+    flat = np.frombuffer(data, dtype=dtype, count=1)
+    if dtype.kind == "U":
+        _check_code_points(flat, dtype)
+    return flat[0]
 
 
 def resolve(obj, _seen=None):

@@ -6,23 +6,29 @@ saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` ret
 (byol_fast/REFERENCE.md section 3). So every file a user hands byol_fast (``--checkpoint``,
 ``load_feature_extractor``, resume, ``convert``) goes through :func:`read`:
 
-- torch files, zip or legacy format: ``torch.load(weights_only=True)``, which admits tensors,
-  numbers, strings, bytes and containers, plus numpy arrays, scalars and dtypes (numpy's names stand
-  for the checked builders of :mod:`byol_fast.safe_arrays`: numpy never sees the file's array or dtype
-  state) and the plain-data classes of :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins;
 - plain pickles of numpy arrays (Paddle's ``.pdparams``, a JAX/Haiku ``.pkl``): :class:`ArrayUnpickler`,
-  which admits the same numpy builders (also as ``dill`` writes them), ``collections.OrderedDict``
-  and inert stand-ins of DeepMind's data classes, nothing else, and sets state (pickle's BUILD) only
-  on the builders and stand-ins: never on a class or function the allow-list holds.
+  which admits numpy arrays, scalars and dtypes (numpy's names stand for the checked builders of
+  :mod:`byol_fast.safe_arrays`: numpy never sees the file's array or dtype state), also as ``dill``
+  writes them, ``collections.OrderedDict``, inert stand-ins of DeepMind's data classes and the
+  plain-data classes of :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins, nothing else; it
+  sets state (pickle's BUILD) only on the builders and stand-ins, never on a class or function the
+  allow-list holds, and adds items to lists and dicts only;
+- torch files, zip or legacy format: ``torch.load`` reads the storages, and every object goes through
+  :class:`TorchUnpickler`: the same, plus what torch's own weights-only reader admits (tensors,
+  storages, dtypes, devices, sizes) less sparse, nested and quantized tensors and sizes of the file's
+  choosing (``bytearray(n)``, ``torch.FloatTensor(n)``). Not torch's reader itself: its allow-list is
+  process-wide, any code may extend it (with numpy's real functions, as torch's own message advises)
+  and from any thread.
 
 Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for.
 """
 from __future__ import annotations
 
+import _compat_pickle
 import codecs
 import collections
 import pickle
-import re
+import types
 import zipfile
 from pathlib import Path
 
@@ -156,33 +162,96 @@ _BUILDABLE = (safe_arrays.ArraySpec, safe_arrays.DtypeSpec, Unread)
 
 class ArrayUnpickler(pickle._Unpickler):
     """Unpickles numpy arrays in plain containers (and the stand-ins above) and refuses every other
-    global. Python's own unpickler (not the C one) so that BUILD can be checked: the C unpickler sets
-    any attribute a file names on any object, the allow-listed classes and functions included, and
-    a later file would read through what an earlier one changed."""
+    global. Python's own unpickler (not the C one) so that each opcode that acts on an object can be
+    checked: BUILD sets state only on the builders and stand-ins (the C unpickler sets any attribute
+    a file names on any object, the allow-listed classes and functions included, and a later file
+    would read through what an earlier one changed); APPEND and SETITEM act on lists and dicts only."""
+
+    allowed = _ALLOWED
 
     def find_class(self, module: str, name: str):
+        if self.proto < 3 and self.fix_imports:  # protocol 2 writes Python 2's module names
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         try:
-            return _ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
             raise UnsafeFileError(f"loading it would call {module}.{name}") from None
 
     def load_build(self) -> None:
-        state, inst = self.stack.pop(), self.stack[-1]
+        state, inst = self.stack[-1], self.stack[-2]
+        if type(inst) is collections.OrderedDict and isinstance(state, dict):  # a state_dict's _metadata
+            self.stack.pop()
+            inst.__dict__.update(state)
+            return
         if not isinstance(inst, _BUILDABLE) or type(inst) is Unread:
             raise UnsafeFileError(f"setting the state of {_named(inst)}")
+        self.stack.pop()
         inst.__setstate__(state)
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+    def _checked(name: str, kinds: tuple, where: int):
+        """The opcode ``name``, acting only on an object of ``kinds`` (at ``where`` on the stack, or
+        0: below the last mark)."""
+        opcode = getattr(pickle, name)[0]
+
+        def load(self) -> None:
+            target = self.stack[where] if where else self.metastack[-1][-1]
+            if type(target) not in kinds:
+                raise UnsafeFileError(f"{name} on {_named(target)}")
+            pickle._Unpickler.dispatch[opcode](self)
+        return opcode, load
+
+    _MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build, **dict((
+        _checked("APPEND", (list,), -2), _checked("APPENDS", (list,), 0), _checked("SETITEM", _MAPPINGS, -3),
+        _checked("SETITEMS", _MAPPINGS, 0), _checked("ADDITEMS", (set,), 0)))}
+    del _checked, _MAPPINGS
 
 
 def _named(obj) -> str:
     return getattr(obj, "__qualname__", None) or f"a {type(obj).__qualname__} object"
 
 
-# What torch's weights-only reader may meet beyond its own list, under the names files use: numpy's
-# names for the checked builders, the plain-data classes as Unread stand-ins.
-_TORCH_GLOBALS = [*((builder, name) for name, builder in safe_arrays.GLOBALS.items()), (_empty_bytes, "builtins.bytes"),
-                  *((cls, name) for name, cls in DATA_CLASSES.items())]
+def _bytearray(data=b"") -> bytearray:
+    """``bytearray(data)`` as protocol 2 writes one; never ``bytearray(n)`` (n bytes from a few)."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise UnsafeFileError(f"loading it would call bytearray of a {type(data).__name__}")
+    return bytearray(data)
+
+
+def _torch_allowed() -> dict:
+    """What torch files may name: torch's own weights-only list (tensors, storages, dtypes, devices,
+    sizes, the tensor rebuild functions), less what weights never hold (sparse, nested and quantized
+    tensors), with bytearray and bytes checked, and everything plain pickles may name."""
+    from torch import _weights_only_unpickler as weights_only
+
+    dropped = {"_rebuild_sparse_tensor", "_rebuild_nested_tensor", "_rebuild_qtensor"}
+    torch_own = {tuple(name.rsplit(".", 1)): obj for name, obj in weights_only._get_allowed_globals().items()
+                 if name.rsplit(".", 1)[-1] not in dropped}
+    return {**torch_own, ("builtins", "bytearray"): _bytearray, **_ALLOWED}
+
+
+class TorchUnpickler(ArrayUnpickler):
+    """:class:`ArrayUnpickler` for the pickle inside a torch file (torch reads the storages itself)."""
+
+    allowed = _torch_allowed()
+
+    def load_reduce(self) -> None:
+        func, args = self.stack[-2], self.stack[-1]
+        if func in _TENSOR_CLASSES and args:  # torch.FloatTensor(10**10): memory of the file's choosing
+            raise UnsafeFileError(f"loading it would call {_named(func)} with arguments")
+        pickle._Unpickler.dispatch[pickle.REDUCE[0]](self)
+
+    dispatch = {**ArrayUnpickler.dispatch, pickle.REDUCE[0]: load_reduce}
+
+
+_TENSOR_CLASSES = {torch.Tensor, torch.nn.Parameter, *torch._tensor_classes}
+
+# torch.load's reader for the pickles of a torch file (zip or legacy): ours, never torch's global
+# allow-list (which any code in the process may extend, from any thread).
+_TORCH_PICKLE = types.ModuleType("byol_fast.safe_load.torch_pickle")
+_TORCH_PICKLE.Unpickler = TorchUnpickler
+_TORCH_PICKLE.load = lambda file, **kwargs: TorchUnpickler(file, **kwargs).load()
 
 
 def _refusal(path: Path, why: str) -> UnsafeFileError:
@@ -197,16 +266,11 @@ def read(path: str | Path, map_location="cpu"):
     errors through for a file that is neither (the caller words them)."""
     path = Path(path)
     if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
-        try:
-            with torch.serialization.safe_globals(_TORCH_GLOBALS):
-                return safe_arrays.resolve(torch.load(path, map_location=map_location, weights_only=True))
+        try:  # torch opens the file and reads its storages; every object in it goes through our unpickler
+            return safe_arrays.resolve(torch.load(path, map_location=map_location, weights_only=False,
+                                                  pickle_module=_TORCH_PICKLE))
         except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
             raise _refusal(path, str(e)) from None
-        except pickle.UnpicklingError as e:  # whatever the weights-only reader refused: never advise more
-            found = re.search(r"GLOBAL ([\w.]+)", str(e))
-            detail = re.search(r"WeightsUnpickler error: ([^\n]+)", str(e))
-            what = found.group(1) if found else (detail.group(1) if detail else "code")
-            raise _refusal(path, f"loading it would call {what}") from None
     return read_pickle(path)
 
 

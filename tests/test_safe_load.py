@@ -179,6 +179,21 @@ class _Array:
         return _RECONSTRUCT, (np.ndarray, (0,), b"b"), self.state
 
 
+class _Call:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _nested(depth):
+    array = _Array((1,), _Dtype("O8", (3, "|", None, None, None, -1, -1, 63)), [None])
+    for _ in range(depth):
+        array = _Array((1,), _Dtype("O8", (3, "|", None, None, None, -1, -1, 63)), [array])
+    return array
+
+
 FORGED = {
     # a void dtype claiming an object field while its flags say it holds no objects: numpy reads
     # the file's 8 bytes as a pointer to a Python object
@@ -191,6 +206,16 @@ FORGED = {
     "short-data": _Array((4,), _Dtype("f4", (3, "<", None, None, None, -1, -1, 0)), b"\0" * 8),
     # a scalar of an object-field dtype
     "object-scalar": None,
+    # object arrays nested in object arrays: numpy frees such a chain recursively in C (thousands
+    # deep overflow the stack); more than 32 deep are refused
+    "nested-object-arrays": None,
+    # a shape of huge numbers: multiplying them out takes minutes
+    "huge-shape": _Array((2**200,) * 8, _Dtype("f4", (3, "<", None, None, None, -1, -1, 0)), b""),
+    # unicode strings holding numbers that are not characters (numpy fails on reading them)
+    "bad-code-points": _Array((1,), _Dtype("U1", (3, "<", None, None, None, 4, 4, 8)), b"\xff\xff\xff\x7f"),
+    # gigabytes from a few bytes, through what torch's own reader admits
+    "bytearray-of-a-size": _Call(bytearray, (1 << 20,)),
+    "tensor-of-a-size": _Call(torch.FloatTensor, (1 << 20,)),
 }
 
 
@@ -203,14 +228,21 @@ def _write(obj, path, kind):
 
 def test_forged_numpy_state_is_refused_and_never_reaches_numpy(tmp_path):
     """Each forged file is read in a child process, so that numpy crashing on it (what happens when
-    the forged state reaches numpy's __setstate__) fails the test instead of the test run."""
-    forged = {**FORGED, "object-scalar": _Scalar(_Dtype("V8", FORGED["object-field"].state[2].state), b"A" * 8)}
+    the forged state reaches numpy's __setstate__) fails the test instead of the test run; the child
+    has registered numpy's real functions with torch first (torch's own advice), which byol_fast's
+    reader must ignore."""
+    forged = {**FORGED, "object-scalar": _Scalar(_Dtype("V8", FORGED["object-field"].state[2].state), b"A" * 8),
+              "nested-object-arrays": _nested(40)}
     paths = []
     for name, obj in forged.items():
         for kind in KINDS:
             paths.append(tmp_path / f"{name}-{kind}.pt")
             _write(obj, paths[-1], kind)
-    script = ("import sys\nfrom byol_fast import safe_load\nfor p in sys.argv[1:]:\n"
+    # What torch's own refusal tells users to register: the reader must not depend on torch's registry.
+    script = ("import sys, numpy, torch\nfrom byol_fast import safe_load\n"
+              "torch.serialization.add_safe_globals([numpy._core.multiarray._reconstruct, numpy.ndarray, numpy.dtype,"
+              " numpy.dtypes.VoidDType, numpy.dtypes.ObjectDType, numpy._core.multiarray.scalar])\n"
+              "for p in sys.argv[1:]:\n"
               "    try:\n        safe_load.read(p); print('READ', p, flush=True)\n"
               "    except safe_load.UnsafeFileError as e:\n        print('REFUSED', e, flush=True)\n")
     run = subprocess.run([sys.executable, "-c", script, *map(str, paths)], cwd=ROOT, env=CHILD_ENV,
@@ -303,4 +335,16 @@ def test_bytes_are_decoded_only_as_protocol_2_writes_them(tmp_path):
     path = tmp_path / "codec.pkl"
     path.write_bytes(b"\x80\x02" + _global("_codecs", "encode") + b"(" + _text("x") + _text("idna") + b"tR.")
     with pytest.raises(safe_load.UnsafeFileError, match="_codecs.encode with 'idna'"):
+        safe_load.read(path)
+
+
+@pytest.mark.parametrize("body, refusal", [
+    (_global("collections", "OrderedDict") + b"(" + _text("x") + b"e", "APPENDS on OrderedDict"),
+    (_global("argparse", "Namespace") + b")R" + _text("k") + _text("v") + b"s", "SETITEM on a Namespace object"),
+])
+def test_lists_and_dicts_only_take_items(tmp_path, body, refusal):
+    """APPEND and SETITEM act only on lists and dicts (as torch's weights-only reader has them)."""
+    path = tmp_path / "items.pkl"
+    path.write_bytes(b"\x80\x02" + body + b".")
+    with pytest.raises(safe_load.UnsafeFileError, match=refusal):
         safe_load.read(path)
