@@ -266,12 +266,29 @@ def read(path: str | Path, map_location="cpu"):
     errors through for a file that is neither (the caller words them)."""
     path = Path(path)
     if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
-        try:  # torch opens the file and reads its storages; every object in it goes through our unpickler
-            return safe_arrays.resolve(torch.load(path, map_location=map_location, weights_only=False,
-                                                  pickle_module=_TORCH_PICKLE))
+        try:
+            return safe_arrays.resolve(_read_torch(path, map_location))
         except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
             raise _refusal(path, str(e)) from None
     return read_pickle(path)
+
+
+def _read_torch(path: Path, map_location):
+    """What ``torch.load`` does for a zip or legacy torch file, with our unpickler for its pickles:
+    torch's own reading of the archive and the storages (its private ``_load`` / ``_legacy_load``;
+    ``torch.load`` itself would hand a TorchScript archive to ``torch.jit.load``, which runs the
+    archive's code, and refuses a pickle module under TORCH_FORCE_WEIGHTS_ONLY_LOAD)."""
+    serialization = torch.serialization
+    with open(path, "rb") as f:
+        if not zipfile.is_zipfile(f):
+            f.seek(0)
+            return serialization._legacy_load(f, map_location, _TORCH_PICKLE, encoding="utf-8")
+        f.seek(0)
+        with serialization._open_zipfile_reader(f) as archive:
+            if serialization._is_torchscript_zip(archive):
+                raise UnsafeFileError("it is a TorchScript program: loading it would run its code "
+                                      "(torch.jit.load it yourself if you trust it)")
+            return serialization._load(archive, map_location, _TORCH_PICKLE, encoding="utf-8")
 
 
 # How torch.save's legacy (non-zip) format begins: its pickled magic number, at any protocol.

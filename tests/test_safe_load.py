@@ -348,3 +348,17 @@ def test_lists_and_dicts_only_take_items(tmp_path, body, refusal):
     path.write_bytes(b"\x80\x02" + body + b".")
     with pytest.raises(safe_load.UnsafeFileError, match=refusal):
         safe_load.read(path)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_a_torchscript_program_is_refused_not_run(tmp_path, monkeypatch):
+    """torch.load hands a TorchScript archive to torch.jit.load, which runs the program's code; the
+    reader refuses it, and reads torch files the same under TORCH_FORCE_WEIGHTS_ONLY_LOAD."""
+    path = tmp_path / "program.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
+    with pytest.raises(safe_load.UnsafeFileError, match="TorchScript program"):
+        safe_load.read(path)
+    monkeypatch.setenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "1")
+    torch.save({"w": torch.ones(2), "a": np.arange(3)}, tmp_path / "w.pt")
+    got = safe_load.read(tmp_path / "w.pt")
+    assert torch.equal(got["w"], torch.ones(2)) and got["a"].tolist() == [0, 1, 2]
