@@ -228,7 +228,17 @@ def _torch_allowed() -> dict:
     dropped = {"_rebuild_sparse_tensor", "_rebuild_nested_tensor", "_rebuild_qtensor"}
     torch_own = {tuple(name.rsplit(".", 1)): obj for name, obj in weights_only._get_allowed_globals().items()
                  if name.rsplit(".", 1)[-1] not in dropped}
-    return {**torch_own, ("builtins", "bytearray"): _bytearray, **_ALLOWED}
+    rebuilds = {f for f in weights_only._tensor_rebuild_functions() if f.__name__ not in dropped}
+
+    def rebuild_from_type(func, new_type, args, state):
+        """A tensor with attributes (torch._tensor._rebuild_from_type_v2), for tensors only: torch's
+        own would call any allowed callable and set the state on whatever it returns."""
+        if func not in rebuilds or new_type not in _TENSOR_CLASSES:
+            raise UnsafeFileError(f"loading it would call {_named(func)} to rebuild a {_named(new_type)}")
+        return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
+
+    return {**torch_own, ("torch._tensor", "_rebuild_from_type_v2"): rebuild_from_type,
+            ("builtins", "bytearray"): _bytearray, **_ALLOWED}
 
 
 class TorchUnpickler(ArrayUnpickler):

@@ -1,5 +1,6 @@
 """No file a user points at can run code (byol_fast/safe_load.py): crafted files of each kind are
 refused with one line by every entry point that reads files, and their payload never runs."""
+import collections
 import os
 import pickle
 import subprocess
@@ -216,6 +217,9 @@ FORGED = {
     # gigabytes from a few bytes, through what torch's own reader admits
     "bytearray-of-a-size": _Call(bytearray, (1 << 20,)),
     "tensor-of-a-size": _Call(torch.FloatTensor, (1 << 20,)),
+    # torch's rebuild of a tensor with attributes, calling something else and setting state on it
+    "rebuild-from-type": _Call(torch._tensor._rebuild_from_type_v2,
+                               (collections.OrderedDict, torch.Tensor, ([("k", 1)],), {"x": 1})),
 }
 
 
@@ -362,3 +366,21 @@ def test_a_torchscript_program_is_refused_not_run(tmp_path, monkeypatch):
     torch.save({"w": torch.ones(2), "a": np.arange(3)}, tmp_path / "w.pt")
     got = safe_load.read(tmp_path / "w.pt")
     assert torch.equal(got["w"], torch.ones(2)) and got["a"].tolist() == [0, 1, 2]
+
+
+def test_tensors_with_attributes_and_parameters_read_as_torch_reads_them(tmp_path):
+    """What torch.load(weights_only=True) reads (the reference), our reader reads the same."""
+    tensor, param = torch.arange(3.0), torch.nn.Parameter(torch.ones(2))
+    tensor.note, param.tag = "x", 2
+    state = collections.OrderedDict(w=torch.randn(2, 3), b=torch.zeros(3, dtype=torch.int8))
+    state._metadata = {"": {"version": 2}}
+    obj = {"t": tensor, "p": param, "sd": state, "size": torch.Size([2, 3]), "dev": torch.device("cpu"),
+           "dtype": torch.bfloat16, "s": {1, 2}, "c": 1 + 2j, "ba": bytearray(b"xy")}
+    for legacy in (False, True):
+        path = tmp_path / f"t{legacy}.pt"
+        torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
+        want, got = torch.load(path, weights_only=True), safe_load.read(path)
+        assert got["t"].note == want["t"].note == "x" and got["p"].tag == 2 and type(got["p"]) is torch.nn.Parameter
+        assert got["sd"]._metadata == want["sd"]._metadata and all(torch.equal(got["sd"][k], want["sd"][k]) for k in state)
+        assert [got[k] for k in ("size", "dev", "dtype", "s", "c", "ba")] == \
+            [want[k] for k in ("size", "dev", "dtype", "s", "c", "ba")]
