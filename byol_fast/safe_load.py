@@ -13,12 +13,8 @@ saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` ret
   plain-data classes of :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins, nothing else; it
   sets state (pickle's BUILD) only on the builders and stand-ins, never on a class or function the
   allow-list holds, and adds items to lists and dicts only;
-- torch files, zip or legacy format: ``torch.load`` reads the storages, and every object goes through
-  :class:`TorchUnpickler`: the same, plus what torch's own weights-only reader admits (tensors,
-  storages, dtypes, devices, sizes) less sparse, nested and quantized tensors and sizes of the file's
-  choosing (``bytearray(n)``, ``torch.FloatTensor(n)``). Not torch's reader itself: its allow-list is
-  process-wide, any code may extend it (with numpy's real functions, as torch's own message advises)
-  and from any thread.
+- torch files, zip or legacy format: :mod:`byol_fast.safe_torch`, the same unpickler with what
+  torch's own weights-only reader admits (tensors, storages, dtypes, devices, sizes), checked.
 
 Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for.
 """
@@ -28,7 +24,6 @@ import _compat_pickle
 import codecs
 import collections
 import pickle
-import types
 import zipfile
 from pathlib import Path
 
@@ -212,58 +207,6 @@ def _named(obj) -> str:
     return getattr(obj, "__qualname__", None) or f"a {type(obj).__qualname__} object"
 
 
-def _bytearray(data=b"") -> bytearray:
-    """``bytearray(data)`` as protocol 2 writes one; never ``bytearray(n)`` (n bytes from a few)."""
-    if not isinstance(data, (bytes, bytearray)):
-        raise UnsafeFileError(f"loading it would call bytearray of a {type(data).__name__}")
-    return bytearray(data)
-
-
-def _torch_allowed() -> dict:
-    """What torch files may name: torch's own weights-only list (tensors, storages, dtypes, devices,
-    sizes, the tensor rebuild functions), less what weights never hold (sparse, nested and quantized
-    tensors), with bytearray and bytes checked, and everything plain pickles may name."""
-    from torch import _weights_only_unpickler as weights_only
-
-    dropped = {"_rebuild_sparse_tensor", "_rebuild_nested_tensor", "_rebuild_qtensor"}
-    torch_own = {tuple(name.rsplit(".", 1)): obj for name, obj in weights_only._get_allowed_globals().items()
-                 if name.rsplit(".", 1)[-1] not in dropped}
-    rebuilds = {f for f in weights_only._tensor_rebuild_functions() if f.__name__ not in dropped}
-
-    def rebuild_from_type(func, new_type, args, state):
-        """A tensor with attributes (torch._tensor._rebuild_from_type_v2), for tensors only: torch's
-        own would call any allowed callable and set the state on whatever it returns."""
-        if func not in rebuilds or new_type not in _TENSOR_CLASSES:
-            raise UnsafeFileError(f"loading it would call {_named(func)} to rebuild a {_named(new_type)}")
-        return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
-
-    return {**torch_own, ("torch._tensor", "_rebuild_from_type_v2"): rebuild_from_type,
-            ("builtins", "bytearray"): _bytearray, **_ALLOWED}
-
-
-class TorchUnpickler(ArrayUnpickler):
-    """:class:`ArrayUnpickler` for the pickle inside a torch file (torch reads the storages itself)."""
-
-    allowed = _torch_allowed()
-
-    def load_reduce(self) -> None:
-        func, args = self.stack[-2], self.stack[-1]
-        if func in _TENSOR_CLASSES and args:  # torch.FloatTensor(10**10): memory of the file's choosing
-            raise UnsafeFileError(f"loading it would call {_named(func)} with arguments")
-        pickle._Unpickler.dispatch[pickle.REDUCE[0]](self)
-
-    dispatch = {**ArrayUnpickler.dispatch, pickle.REDUCE[0]: load_reduce}
-
-
-_TENSOR_CLASSES = {torch.Tensor, torch.nn.Parameter, *torch._tensor_classes}
-
-# torch.load's reader for the pickles of a torch file (zip or legacy): ours, never torch's global
-# allow-list (which any code in the process may extend, from any thread).
-_TORCH_PICKLE = types.ModuleType("byol_fast.safe_load.torch_pickle")
-_TORCH_PICKLE.Unpickler = TorchUnpickler
-_TORCH_PICKLE.load = lambda file, **kwargs: TorchUnpickler(file, **kwargs).load()
-
-
 def _refusal(path: Path, why: str) -> UnsafeFileError:
     return UnsafeFileError(f"{path}: refused: {why}; byol_fast reads only tensors, "
                            "arrays, numbers, strings and containers from a file, never code")
@@ -276,29 +219,13 @@ def read(path: str | Path, map_location="cpu"):
     errors through for a file that is neither (the caller words them)."""
     path = Path(path)
     if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
+        from byol_fast import safe_torch  # torch files: ours on top of torch's archive reading
+
         try:
-            return safe_arrays.resolve(_read_torch(path, map_location))
+            return safe_arrays.resolve(safe_torch.read(path, map_location))
         except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
             raise _refusal(path, str(e)) from None
     return read_pickle(path)
-
-
-def _read_torch(path: Path, map_location):
-    """What ``torch.load`` does for a zip or legacy torch file, with our unpickler for its pickles:
-    torch's own reading of the archive and the storages (its private ``_load`` / ``_legacy_load``;
-    ``torch.load`` itself would hand a TorchScript archive to ``torch.jit.load``, which runs the
-    archive's code, and refuses a pickle module under TORCH_FORCE_WEIGHTS_ONLY_LOAD)."""
-    serialization = torch.serialization
-    with open(path, "rb") as f:
-        if not zipfile.is_zipfile(f):
-            f.seek(0)
-            return serialization._legacy_load(f, map_location, _TORCH_PICKLE, encoding="utf-8")
-        f.seek(0)
-        with serialization._open_zipfile_reader(f) as archive:
-            if serialization._is_torchscript_zip(archive):
-                raise UnsafeFileError("it is a TorchScript program: loading it would run its code "
-                                      "(torch.jit.load it yourself if you trust it)")
-            return serialization._load(archive, map_location, _TORCH_PICKLE, encoding="utf-8")
 
 
 # How torch.save's legacy (non-zip) format begins: its pickled magic number, at any protocol.

@@ -384,3 +384,66 @@ def test_tensors_with_attributes_and_parameters_read_as_torch_reads_them(tmp_pat
         assert got["sd"]._metadata == want["sd"]._metadata and all(torch.equal(got["sd"][k], want["sd"][k]) for k in state)
         assert [got[k] for k in ("size", "dev", "dtype", "s", "c", "ba")] == \
             [want[k] for k in ("size", "dev", "dtype", "s", "c", "ba")]
+
+
+def _int(n):
+    return b"J" + int(n).to_bytes(4, "little", signed=True)
+
+
+def _legacy(path, body, stored_keys=b"]"):
+    """A legacy-format torch file (its three header pickles, then ``body``, then the stored keys)."""
+    with open(path, "wb") as f:
+        for header in (torch.serialization.MAGIC_NUMBER, torch.serialization.PROTOCOL_VERSION,
+                       {"protocol_version": 1001, "little_endian": True, "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+            pickle.dump(header, f, protocol=2)
+        f.write(b"\x80\x02" + body + b"." + b"\x80\x02" + stored_keys + b".")
+
+
+def _storage_id(kind, *fields):
+    return b"(" + _text(kind) + b"".join(fields) + b"tQ"
+
+
+def test_torch_files_refuse_what_torch_s_own_readers_would_do_with_them(tmp_path, monkeypatch):
+    """Legacy persistent ids other than storages (torch writes a diff of a "module"'s source into the
+    current folder), storages the file does not hold (torch hands back uninitialised memory) or larger
+    than the file, tensors and storages of a size the file chooses, expanded views of a trillion
+    elements, and torch's oldest format (a tar archive torch extracts unfiltered: a hard link out of its
+    folder gets its permissions changed)."""
+    import tarfile
+
+    monkeypatch.chdir(tmp_path)
+    float_storage = _global("torch", "FloatStorage")
+    cases = {
+        "module-id": (_storage_id("module", _global("collections", "OrderedDict"), _text("src.py"), _text("x")),
+                      "persistent id that is not a storage"),
+        "unfilled": (_storage_id("storage", float_storage, _text("k"), _text("cpu"), _int(2), b"N"),
+                     "storages the file does not hold"),
+        "larger-than-file": (_storage_id("storage", float_storage, _text("k"), _text("cpu"), _int(1 << 28), b"N"),
+                             "storages of 1073741824 bytes"),
+        "sized-storage": (_global("torch.storage", "UntypedStorage") + b"(" + _int(1 << 20) + b"t\x81",
+                          "UntypedStorage with arguments"),
+        "expanded-view": (_global("torch._utils", "_rebuild_tensor") + b"(" + _storage_id(
+            "storage", float_storage, _text("k"), _text("cpu"), _int(1), b"N") + _int(0) + b"(" + _int(1 << 30)
+            + b"t(" + _int(0) + b"ttR", "a tensor view of 1073741824 elements over 1 stored"),
+    }
+    for name, (body, refusal) in cases.items():
+        _legacy(tmp_path / f"{name}.pt", body, b"(" + _text("k") + b"l" if name == "expanded-view" else b"]")
+        if name == "expanded-view":  # the one storage's 4 bytes, after its stored key
+            with open(tmp_path / f"{name}.pt", "ab") as f:
+                f.write((1).to_bytes(8, "little") + b"\0\0\x80\x3f")
+        with pytest.raises(safe_load.UnsafeFileError, match=refusal):
+            safe_load.read(tmp_path / f"{name}.pt")
+    assert not list(tmp_path.glob("*.patch"))
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("x")
+    victim.chmod(0o600)
+    magic = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2).decode("utf-8", "surrogateescape")
+    with tarfile.open(tmp_path / "old.pt", "w", format=tarfile.GNU_FORMAT, errors="surrogateescape") as tar:
+        tar.addfile(tarfile.TarInfo(magic))
+        link = tarfile.TarInfo("storages")
+        link.type, link.linkname, link.mode = tarfile.LNKTYPE, str(victim), 0o777
+        tar.addfile(link)
+    with pytest.raises(safe_load.UnsafeFileError, match="tar archive"):
+        safe_load.read(tmp_path / "old.pt")
+    assert victim.stat().st_mode & 0o777 == 0o600
