@@ -24,8 +24,10 @@ the arrays and dtypes built.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import threading
 
 import numpy as np
 
@@ -110,6 +112,7 @@ class ArraySpec:
         if not isinstance(dtype, DtypeSpec):
             raise UnsafeArrayError("numpy array without a numpy dtype")
         dtype, count, order = dtype.resolved(), math.prod(shape), "F" if fortran else "C"
+        _spend(count * (8 if dtype.hasobject else dtype.itemsize))
         if dtype.hasobject:
             if not isinstance(data, list) or len(data) != count:
                 raise UnsafeArrayError("numpy object array whose data is not its list of objects")
@@ -168,31 +171,66 @@ def scalar(dtype, data=None):
     return flat[0]
 
 
-def resolve(obj, _seen=None):
+class _Reads(threading.local):
+    """This thread's current read (see :func:`reading`): the containers :func:`resolve` has walked,
+    and the bytes of arrays it may still build."""
+
+    seen: dict | None = None
+    left: int | None = None
+
+
+_READS = _Reads()
+SLACK = 1 << 20  # bytes of arrays a read may build beyond its file's size
+
+
+@contextlib.contextmanager
+def reading(file_bytes: int):
+    """One read of a file of ``file_bytes``: :func:`resolve` walks each container once however often
+    the file refers to it (a file naming one big list a million times must not cost a million
+    walks), and its arrays hold at most about the file's bytes (8 per object): a file's arrays
+    carry their data in the file, unless the file reuses one piece of data for many arrays."""
+    outer = _READS.seen, _READS.left
+    _READS.seen, _READS.left = {}, file_bytes + SLACK
+    try:
+        yield
+    finally:
+        _READS.seen, _READS.left = outer
+
+
+def _spend(nbytes: int) -> None:
+    if _READS.left is not None:
+        _READS.left -= nbytes
+        if _READS.left < 0:
+            raise UnsafeArrayError("numpy arrays of more bytes than the file holds (one piece of data reused)")
+
+
+def resolve(obj):
     """``obj`` with the specs in its dicts, lists and tuples (namedtuples too) replaced by the arrays
     and dtypes they built; other objects are returned as they are."""
+    seen = _READS.seen if _READS.seen is not None else {}
+    return _resolve(obj, seen)
+
+
+def _resolve(obj, seen: dict):
     if isinstance(obj, (ArraySpec, DtypeSpec)):
         return obj.resolved()
     if not isinstance(obj, (dict, list, tuple)):
         return obj
-    seen = {} if _seen is None else _seen
-    if id(obj) in seen:  # shared or cyclic containers are visited once
-        return seen[id(obj)]
+    if id(obj) in seen:  # shared or cyclic containers are visited once (the object is kept: ids stay unique)
+        return seen[id(obj)][1]
+    seen[id(obj)] = (obj, obj)
     if isinstance(obj, dict):
-        seen[id(obj)] = obj
         for key, value in obj.items():
-            obj[key] = resolve(value, seen)
+            obj[key] = _resolve(value, seen)
         return obj
     if isinstance(obj, list):
-        seen[id(obj)] = obj
-        obj[:] = [resolve(item, seen) for item in obj]
+        obj[:] = [_resolve(item, seen) for item in obj]
         return obj
-    seen[id(obj)] = obj
-    items = [resolve(item, seen) for item in obj]
+    items = [_resolve(item, seen) for item in obj]
     if all(a is b for a, b in zip(items, obj)):
         return obj
     rebuilt = type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
-    seen[id(obj)] = rebuilt
+    seen[id(obj)] = (obj, rebuilt)
     return rebuilt
 
 

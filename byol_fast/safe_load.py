@@ -23,7 +23,9 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
+import contextlib
 import pickle
+import threading
 import zipfile
 from pathlib import Path
 
@@ -78,6 +80,29 @@ def _dill_array(rebuild, args, state, attributes=None) -> safe_arrays.ArraySpec:
     return array
 
 
+MAX_FIELDS, MAX_CLASSES = 64, 64  # of a namedtuple class dill writes, and such classes per file
+
+
+class _Budget(threading.local):
+    """What this thread's current read has made (see :func:`_one_read`)."""
+
+    classes = 0
+
+
+_BUDGET = _Budget()
+
+
+@contextlib.contextmanager
+def _one_read(path: Path):
+    """The span of reading one file: its budgets of namedtuple classes and of array bytes."""
+    outer, _BUDGET.classes = _BUDGET.classes, 0
+    try:
+        with safe_arrays.reading(path.stat().st_size):
+            yield
+    finally:
+        _BUDGET.classes = outer
+
+
 def _dill_namedtuple(name, fields, module, defaults=None) -> type:
     """What ``dill.dump`` writes for a namedtuple class (``dill._dill._create_namedtuple``; dill would
     import ``module`` to find it): the stand-in below for a class of DeepMind's release, else a new
@@ -86,6 +111,11 @@ def _dill_namedtuple(name, fields, module, defaults=None) -> type:
     known = _ALLOWED.get((module, short))
     if isinstance(known, type) and issubclass(known, tuple):
         return known
+    if not isinstance(fields, (list, tuple)) or len(fields) > MAX_FIELDS:
+        raise UnsafeFileError(f"dill's namedtuple {short!r} with over {MAX_FIELDS} fields")
+    _BUDGET.classes += 1  # each a new class: a few bytes of file each, kilobytes of memory
+    if _BUDGET.classes > MAX_CLASSES:
+        raise UnsafeFileError(f"more than {MAX_CLASSES} namedtuple classes in one file")
     try:
         return collections.namedtuple(short, list(fields), defaults=defaults, module=str(module))
     except (TypeError, ValueError) as e:
@@ -175,7 +205,8 @@ class ArrayUnpickler(pickle._Unpickler):
 
     def load_build(self) -> None:
         state, inst = self.stack[-1], self.stack[-2]
-        if type(inst) is collections.OrderedDict and isinstance(state, dict):  # a state_dict's _metadata
+        if type(inst) is collections.OrderedDict and isinstance(state, dict) and set(state) <= {"_metadata"} \
+                and isinstance(state.get("_metadata", {}), dict):  # a state_dict's _metadata, nothing else
             self.stack.pop()
             inst.__dict__.update(state)
             return
@@ -222,7 +253,8 @@ def read(path: str | Path, map_location="cpu"):
         from byol_fast import safe_torch  # torch files: ours on top of torch's archive reading
 
         try:
-            return safe_arrays.resolve(safe_torch.read(path, map_location))
+            with _one_read(path):
+                return safe_arrays.resolve(safe_torch.read(path, map_location))
         except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
             raise _refusal(path, str(e)) from None
     return read_pickle(path)
@@ -244,6 +276,7 @@ def read_pickle(path: str | Path):
     path = Path(path)
     with open(path, "rb") as f:
         try:
-            return safe_arrays.resolve(ArrayUnpickler(f).load())
+            with _one_read(path):
+                return safe_arrays.resolve(ArrayUnpickler(f).load())
         except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
             raise _refusal(path, str(e)) from None

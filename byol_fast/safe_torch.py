@@ -13,7 +13,7 @@ What the file's pickle may name: torch's weights-only list (tensors, storages, d
 sizes, the dense tensor and parameter rebuilds) and what plain pickles may name, each checked where
 torch's is not: no storage or tensor of a size the file chooses (``torch.FloatTensor(n)``,
 ``UntypedStorage(n)``, ``bytearray(n)``, storages larger than the file, expanded views of millions of
-elements), no backward hooks, no dunder attributes set on tensors, persistent ids that are storages
+elements, views reaching past their storage), no backward hooks, no dunder attributes set on tensors, persistent ids that are storages
 and nothing else, every legacy storage filled from the file (torch would hand back uninitialised
 memory), no old tar-format files (torch extracts them without a filter: links out of its folder).
 """
@@ -55,26 +55,39 @@ def _plain_state(state) -> None:
         raise UnsafeFileError("loading it would set special attributes on a tensor")
 
 
-def _check_view(storage, size) -> None:
+def _check_view(storage, offset, size, stride, dtype=None) -> None:
+    """A tensor's view must lie inside its storage (torch would grow the storage to fit, handing back
+    uninitialised memory) and show at most MAX_EXPANDED elements beyond those stored."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise UnsafeFileError("a tensor without its storage")
+    size, stride = tuple(size), tuple(stride)
+    if len(size) != len(stride) or any(type(n) is not int or n < 0 for n in (offset, *size, *stride)):
+        raise UnsafeFileError(f"a tensor of offset {offset}, size {str(size)[:40]}, stride {str(stride)[:40]}")
     count = math.prod(size)
-    held = storage._size() if isinstance(storage, torch.storage.TypedStorage) else 0  # _size: without a warning
-    if count > held and count > MAX_EXPANDED:
-        raise UnsafeFileError(f"a tensor view of {count} elements over {held} stored")
+    if count == 0:
+        return
+    reach = (offset + sum((n - 1) * step for n, step in zip(size, stride)) + 1) * \
+        torch._utils._element_size(dtype or storage.dtype)
+    held = storage._untyped_storage.nbytes()
+    if reach > held:
+        raise UnsafeFileError(f"a tensor reaching {reach} bytes into a storage of {held}")
+    if count > storage._size() and count > MAX_EXPANDED:  # _size: TypedStorage's, without a warning
+        raise UnsafeFileError(f"a tensor view of {count} elements over {storage._size()} stored")
 
 
 def _rebuild_tensor(storage, offset, size, stride):
-    _check_view(storage, size)
+    _check_view(storage, offset, size, stride)
     return torch._utils._rebuild_tensor(storage, offset, size, stride)
 
 
 def _rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None):
-    _check_view(storage, size)
+    _check_view(storage, offset, size, stride)
     _no_hooks(backward_hooks)
     return torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata)
 
 
 def _rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None):
-    _check_view(storage, size)
+    _check_view(storage, offset, size, stride, dtype)
     _no_hooks(backward_hooks)
     return torch._utils._rebuild_tensor_v3(storage, offset, size, stride, requires_grad, backward_hooks, dtype,
                                            metadata)

@@ -425,10 +425,15 @@ def test_torch_files_refuse_what_torch_s_own_readers_would_do_with_them(tmp_path
         "expanded-view": (_global("torch._utils", "_rebuild_tensor") + b"(" + _storage_id(
             "storage", float_storage, _text("k"), _text("cpu"), _int(1), b"N") + _int(0) + b"(" + _int(1 << 30)
             + b"t(" + _int(0) + b"ttR", "a tensor view of 1073741824 elements over 1 stored"),
+        # torch grows a storage to fit its view: the rest is uninitialised memory
+        "view-past-storage": (_global("torch._utils", "_rebuild_tensor") + b"(" + _storage_id(
+            "storage", float_storage, _text("k"), _text("cpu"), _int(1), b"N") + _int(0) + b"(" + _int(1000)
+            + b"t(" + _int(1) + b"ttR", "a tensor reaching 4000 bytes into a storage of 4"),
     }
     for name, (body, refusal) in cases.items():
-        _legacy(tmp_path / f"{name}.pt", body, b"(" + _text("k") + b"l" if name == "expanded-view" else b"]")
-        if name == "expanded-view":  # the one storage's 4 bytes, after its stored key
+        stored = name in ("expanded-view", "view-past-storage")
+        _legacy(tmp_path / f"{name}.pt", body, b"(" + _text("k") + b"l" if stored else b"]")
+        if stored:  # the one storage's 4 bytes, after its stored key
             with open(tmp_path / f"{name}.pt", "ab") as f:
                 f.write((1).to_bytes(8, "little") + b"\0\0\x80\x3f")
         with pytest.raises(safe_load.UnsafeFileError, match=refusal):
@@ -447,3 +452,32 @@ def test_torch_files_refuse_what_torch_s_own_readers_would_do_with_them(tmp_path
     with pytest.raises(safe_load.UnsafeFileError, match="tar archive"):
         safe_load.read(tmp_path / "old.pt")
     assert victim.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_small_file_cannot_make_many_objects_from_few_bytes(tmp_path):
+    """A pickle refers to one piece of data as often as it likes (a few bytes each time): arrays built
+    from one reused data block beyond the file's size, namedtuple classes beyond 64 or with over 64
+    fields (dill's form), and attributes beside a state_dict's _metadata are refused."""
+    dtype = _global("numpy", "dtype") + b"(" + _text("u1") + b"\x89\x88tR(" + _int(3) + _text("|") + b"NNN" + \
+        _int(-1) + _int(-1) + _int(0) + b"tb"
+    reconstruct = _global("numpy._core.multiarray", "_reconstruct")
+    block = b"B" + (1 << 20).to_bytes(4, "little") + b"\0" * (1 << 20) + b"q\x00"  # 1 MiB, memoised
+    array = reconstruct + b"(" + _global("numpy", "ndarray") + b"(" + _int(0) + b"tC\x01btR(" + _int(1) + b"(" + \
+        _int(1 << 20) + b"t" + dtype + b"\x89h\x00tb"
+    files = {
+        "reused-data": (b"\x80\x04" + block + b"0(" + array * 4 + b"l.", "more bytes than the file holds"),
+        "wide-namedtuple": (b"\x80\x04" + _global("dill._dill", "_create_namedtuple") + b"(" + _text("T") + b"(" +
+                            b"".join(_text(f"f{i}") for i in range(65)) + b"l" + _text("m") + b"tR.", "over 64 fields"),
+        "many-namedtuples": (b"\x80\x04(" + b"".join(_global("dill._dill", "_create_namedtuple") + b"(" + _text(f"T{i}")
+                                                     + b"(" + _text("a") + b"l" + _text("m") + b"tR" for i in range(65))
+                             + b"l.", "more than 64 namedtuple classes"),
+        "shadowing-metadata": (b"\x80\x02" + _global("collections", "OrderedDict") + b")R}" + _text("keys") +
+                               _global("collections", "OrderedDict") + b"sb.", "setting the state of a OrderedDict"),
+    }
+    for name, (data, refusal) in files.items():
+        (tmp_path / f"{name}.pkl").write_bytes(data)
+        with pytest.raises(safe_load.UnsafeFileError, match=refusal):
+            safe_load.read(tmp_path / f"{name}.pkl")
+    one = b"\x80\x04" + block + b"0(" + array + b"l."  # the same array once: read
+    (tmp_path / "once.pkl").write_bytes(one)
+    assert safe_load.read(tmp_path / "once.pkl")[0].shape == (1 << 20,)
