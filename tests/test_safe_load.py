@@ -374,8 +374,11 @@ def test_tensors_with_attributes_and_parameters_read_as_torch_reads_them(tmp_pat
     tensor.note, param.tag = "x", 2
     state = collections.OrderedDict(w=torch.randn(2, 3), b=torch.zeros(3, dtype=torch.int8))
     state._metadata = {"": {"version": 2}}
+    base = torch.arange(24.0).reshape(4, 6)  # views of one storage: offsets, transposes, steps, broadcasts
+    views = {"base": base, "slice": base[1:3, 2:5], "t": base.t(), "step": base[:, ::2],
+             "expanded": torch.ones(3, 1).expand(3, 5), "empty": torch.empty(0, 3)}
     obj = {"t": tensor, "p": param, "sd": state, "size": torch.Size([2, 3]), "dev": torch.device("cpu"),
-           "dtype": torch.bfloat16, "s": {1, 2}, "c": 1 + 2j, "ba": bytearray(b"xy")}
+           "dtype": torch.bfloat16, "s": {1, 2}, "c": 1 + 2j, "ba": bytearray(b"xy"), "views": views}
     for legacy in (False, True):
         path = tmp_path / f"t{legacy}.pt"
         torch.save(obj, path, _use_new_zipfile_serialization=not legacy)
@@ -384,6 +387,9 @@ def test_tensors_with_attributes_and_parameters_read_as_torch_reads_them(tmp_pat
         assert got["sd"]._metadata == want["sd"]._metadata and all(torch.equal(got["sd"][k], want["sd"][k]) for k in state)
         assert [got[k] for k in ("size", "dev", "dtype", "s", "c", "ba")] == \
             [want[k] for k in ("size", "dev", "dtype", "s", "c", "ba")]
+        for k, view in got["views"].items():
+            assert torch.equal(view, want["views"][k]) and view.stride() == want["views"][k].stride(), k
+        assert got["views"]["slice"].untyped_storage().data_ptr() == got["views"]["base"].untyped_storage().data_ptr()
 
 
 def _int(n):
