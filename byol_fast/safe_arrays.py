@@ -36,6 +36,16 @@ class UnsafeArrayError(ValueError):
     """Array or dtype data that numpy must not be handed; the message says what was wrong."""
 
 
+def brief(value) -> str:
+    """``value`` for a message: a short string or number as it is, anything else by its type (a
+    file's tuples can nest to 10**30 elements in a few KB: never format them whole)."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:40])
+    if type(value) in (int, float, bool) or value is None:
+        return repr(value)[:40]
+    return f"a {type(value).__name__}"
+
+
 _DATETIME_UNIT = re.compile(r"Y|M|W|D|h|m|s|ms|us|μs|ns|ps|fs|as|generic")
 MAX_DIMS = 64  # numpy's own limit
 MAX_NESTING = 32  # object arrays holding object arrays: numpy frees such a chain recursively, in C
@@ -48,7 +58,7 @@ class DtypeSpec:
 
     def __init__(self, code=None, align=False, copy=False):
         if not isinstance(code, str) or not re.fullmatch(r"[a-zA-Z?]\d*", code):
-            raise UnsafeArrayError(f"numpy dtype {code!r}: only a plain type code is read")
+            raise UnsafeArrayError(f"numpy dtype {brief(code)}: only a plain type code is read")
         try:
             self._base = np.dtype(code)
         except TypeError as e:
@@ -64,7 +74,7 @@ class DtypeSpec:
         if subarray is not None or names is not None or fields is not None:
             raise UnsafeArrayError("structured or sub-array numpy dtype (weights are plain arrays)")
         if order not in ("<", ">", "|", "="):
-            raise UnsafeArrayError(f"numpy dtype byte order {order!r}")
+            raise UnsafeArrayError(f"numpy dtype byte order {brief(order)}")
         dtype = self._base
         if dtype.kind in "mM":
             dtype = _with_unit(dtype, state[8] if len(state) == 9 else None)
@@ -87,7 +97,7 @@ def _with_unit(dtype: np.dtype, extra) -> np.dtype:
         return dtype
     if not (isinstance(units, tuple) and len(units) == 4 and isinstance(units[0], bytes)
             and type(units[1]) is int and units[1] > 0):
-        raise UnsafeArrayError(f"numpy datetime unit {units!r}")
+        raise UnsafeArrayError(f"numpy datetime unit {brief(units)}")
     unit = units[0].decode("utf-8", "replace")
     if not _DATETIME_UNIT.fullmatch(unit):
         raise UnsafeArrayError(f"numpy datetime unit {unit!r}")
@@ -108,11 +118,11 @@ class ArraySpec:
         shape, dtype, fortran, data = state[-4:]
         if not (isinstance(shape, tuple) and len(shape) <= MAX_DIMS
                 and all(type(n) is int and 0 <= n < 2**62 for n in shape)):
-            raise UnsafeArrayError(f"numpy array shape {str(shape)[:80]}")
+            raise UnsafeArrayError(f"numpy array shape {brief(shape)}")
         if not isinstance(dtype, DtypeSpec):
             raise UnsafeArrayError("numpy array without a numpy dtype")
         dtype, count, order = dtype.resolved(), math.prod(shape), "F" if fortran else "C"
-        _spend(count * (8 if dtype.hasobject else dtype.itemsize))
+        spend(count * (8 if dtype.hasobject else dtype.itemsize))
         if dtype.hasobject:
             if not isinstance(data, list) or len(data) != count:
                 raise UnsafeArrayError("numpy object array whose data is not its list of objects")
@@ -152,7 +162,7 @@ def _check_code_points(flat: np.ndarray, dtype: np.dtype) -> None:
 def reconstruct(subtype, shape, typecode) -> ArraySpec:
     """numpy's ``_reconstruct(ndarray, (0,), b"b")``, the empty array a pickle then fills."""
     if subtype is not ArraySpec:
-        raise UnsafeArrayError(f"numpy array of subtype {subtype!r}")
+        raise UnsafeArrayError(f"numpy array of subtype {brief(subtype)}")
     return ArraySpec()
 
 
@@ -197,11 +207,12 @@ def reading(file_bytes: int):
         _READS.seen, _READS.left = outer
 
 
-def _spend(nbytes: int) -> None:
+def spend(nbytes: int) -> None:
+    """Charge ``nbytes`` of memory built from the file to the current read (see :func:`reading`)."""
     if _READS.left is not None:
         _READS.left -= nbytes
         if _READS.left < 0:
-            raise UnsafeArrayError("numpy arrays of more bytes than the file holds (one piece of data reused)")
+            raise UnsafeArrayError("arrays of more bytes than the file holds (one piece of data reused)")
 
 
 def resolve(obj):

@@ -72,7 +72,7 @@ def _dill_array(rebuild, args, state, attributes=None) -> safe_arrays.ArraySpec:
     builder standing for it) is accepted as ``rebuild``, and only an array without instance
     attributes (a plain array has none)."""
     if rebuild is not safe_arrays.reconstruct:
-        raise UnsafeFileError(f"dill's array rebuilt by {getattr(rebuild, '__qualname__', rebuild)!r}")
+        raise UnsafeFileError(f"dill's array rebuilt by {_named(rebuild)}")
     if attributes:
         raise UnsafeFileError("dill's array with attributes")
     array = rebuild(*args)
@@ -107,19 +107,23 @@ def _dill_namedtuple(name, fields, module, defaults=None) -> type:
     """What ``dill.dump`` writes for a namedtuple class (``dill._dill._create_namedtuple``; dill would
     import ``module`` to find it): the stand-in below for a class of DeepMind's release, else a new
     namedtuple class with those fields, as inert as a tuple; nothing is imported."""
-    short = str(name).rsplit(".", 1)[-1]
+    if type(name) is not str or type(module) is not str:
+        raise UnsafeFileError(f"dill's namedtuple named by {safe_arrays.brief(name)} in {safe_arrays.brief(module)}")
+    short = name.rsplit(".", 1)[-1]
     known = _ALLOWED.get((module, short))
     if isinstance(known, type) and issubclass(known, tuple):
         return known
-    if not isinstance(fields, (list, tuple)) or len(fields) > MAX_FIELDS:
-        raise UnsafeFileError(f"dill's namedtuple {short!r} with over {MAX_FIELDS} fields")
+    if not isinstance(fields, (list, tuple)) or len(fields) > MAX_FIELDS or any(type(f) is not str for f in fields):
+        raise UnsafeFileError(f"dill's namedtuple {short[:40]!r} with over {MAX_FIELDS} fields or fields not named")
+    if defaults is not None and (not isinstance(defaults, (list, tuple)) or len(defaults) > len(fields)):
+        raise UnsafeFileError(f"dill's namedtuple {short[:40]!r} with defaults of {safe_arrays.brief(defaults)}")
     _BUDGET.classes += 1  # each a new class: a few bytes of file each, kilobytes of memory
     if _BUDGET.classes > MAX_CLASSES:
         raise UnsafeFileError(f"more than {MAX_CLASSES} namedtuple classes in one file")
     try:
         return collections.namedtuple(short, list(fields), defaults=defaults, module=str(module))
     except (TypeError, ValueError) as e:
-        raise UnsafeFileError(f"dill's namedtuple {name!r} ({e})") from None
+        raise UnsafeFileError(f"dill's namedtuple {safe_arrays.brief(name)} ({str(e)[:120]})") from None
 
 
 class _Module(str):
@@ -128,21 +132,25 @@ class _Module(str):
 
 
 def _dill_module(name) -> _Module:
+    if type(name) is not str:
+        raise UnsafeFileError(f"dill's module named by {safe_arrays.brief(name)}")
     return _Module(name)
 
 
 def _dill_attribute(module, name):
     """``dill._dill._get_attr(module, name)``: dill 0.3 writes numpy's array reconstruction (a built-in
     function) and ``_codecs.encode`` this way; the allow-list's entry for ``module.name``, nothing else."""
-    if type(module) is not _Module or (str(module), name) not in _ALLOWED:
-        raise UnsafeFileError(f"loading it would call {module}.{name}")
+    if type(module) is not _Module or type(name) is not str or (str(module), name) not in _ALLOWED:
+        named = f"{module[:80]}.{name[:80]}" if isinstance(module, str) and isinstance(name, str) else \
+            f"{safe_arrays.brief(module)}.{safe_arrays.brief(name)}"
+        raise UnsafeFileError(f"loading it would call {named}")
     return _ALLOWED[(str(module), name)]
 
 
 def _codecs_encode(text, encoding="utf-8") -> bytes:
     """``_codecs.encode(text, "latin1")``: how protocol-2 pickles write bytes (no other codec is looked up)."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise UnsafeFileError(f"loading it would call _codecs.encode with {encoding!r}")
+        raise UnsafeFileError(f"loading it would call _codecs.encode with {safe_arrays.brief(encoding)}")
     return text.encode("latin-1")
 
 
@@ -215,23 +223,51 @@ class ArrayUnpickler(pickle._Unpickler):
         self.stack.pop()
         inst.__setstate__(state)
 
-    def _checked(name: str, kinds: tuple, where: int):
+    def load_reduce(self) -> None:
+        func, args = self.stack[-2], self.stack[-1]
+        if isinstance(func, type) and func in _HASHING and isinstance(args, tuple) and args:
+            items = args[0] if isinstance(args[0], (list, tuple)) else ()  # set(items), OrderedDict(pairs), ...
+            _check_keys(items if func in (set, frozenset, collections.Counter) else
+                        [pair[0] for pair in items if isinstance(pair, (tuple, list)) and pair])
+        pickle._Unpickler.dispatch[pickle.REDUCE[0]](self)
+
+    def _checked(name: str, kinds: tuple | None, where: int, keys=None):
         """The opcode ``name``, acting only on an object of ``kinds`` (at ``where`` on the stack, or
-        0: below the last mark)."""
+        0: below the last mark), and with ``keys(stack)``, the dict keys or set items it will hash,
+        checked by :func:`_check_keys` (after a mark the stack holds just the marked items)."""
         opcode = getattr(pickle, name)[0]
 
         def load(self) -> None:
-            target = self.stack[where] if where else self.metastack[-1][-1]
-            if type(target) not in kinds:
+            target = self.stack[where] if where else self.metastack[-1][-1] if kinds else None
+            if kinds and type(target) not in kinds:
                 raise UnsafeFileError(f"{name} on {_named(target)}")
+            if keys:
+                _check_keys(keys(self.stack))
             pickle._Unpickler.dispatch[opcode](self)
         return opcode, load
 
     _MAPPINGS = (dict, collections.OrderedDict, collections.Counter)
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build, **dict((
-        _checked("APPEND", (list,), -2), _checked("APPENDS", (list,), 0), _checked("SETITEM", _MAPPINGS, -3),
-        _checked("SETITEMS", _MAPPINGS, 0), _checked("ADDITEMS", (set,), 0)))}
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build, pickle.REDUCE[0]: load_reduce, **dict((
+        _checked("APPEND", (list,), -2), _checked("APPENDS", (list,), 0),
+        _checked("SETITEM", _MAPPINGS, -3, lambda stack: stack[-2:-1]),
+        _checked("SETITEMS", _MAPPINGS, 0, lambda stack: stack[::2]),
+        _checked("ADDITEMS", (set,), 0, lambda stack: stack),
+        _checked("FROZENSET", None, 0, lambda stack: stack), _checked("DICT", None, 0, lambda stack: stack[::2])))}
     del _checked, _MAPPINGS
+
+
+# What hashes the items it is given (dict keys, set items): a file's nested tuples must not reach it.
+_HASHING = {set, frozenset, dict, collections.OrderedDict, collections.Counter}
+_SCALARS = (str, bytes, int, float, bool, complex, type(None))
+
+
+def _check_keys(keys) -> None:
+    """Dict keys and set items: scalars, or short tuples of scalars. A tuple's hash walks all of it,
+    uncached, and with the memo a few KB of pickle nest tuples to 10**30 elements."""
+    for key in keys:
+        if not (type(key) in _SCALARS or (type(key) is tuple and len(key) <= 16
+                                          and all(type(part) in _SCALARS for part in key))):
+            raise UnsafeFileError(f"a dict key or set item of {safe_arrays.brief(key)}")
 
 
 def _named(obj) -> str:

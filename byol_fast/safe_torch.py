@@ -29,11 +29,16 @@ from pathlib import Path
 
 import torch
 
+from byol_fast.safe_arrays import brief, spend
 from byol_fast.safe_load import _ALLOWED, ArrayUnpickler, UnsafeFileError, _named
 
 # Tensors and storages: never made from a size the file chooses.
 _SIZED = {torch.Tensor, torch.nn.Parameter, *torch._tensor_classes, *torch._storage_classes}
 MAX_EXPANDED = 1 << 24  # elements a view may show beyond its storage's (a broadcast buffer), at most
+# dtypes of weights: not quantized, bit or 4-bit types (torch builds those without their quantizer)
+_PLAIN_DTYPES = {d for d in vars(torch).values() if isinstance(d, torch.dtype)
+                 and (d.is_floating_point or d.is_complex) and "float4" not in str(d)} | {
+    torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64}
 
 
 class _Read:
@@ -51,8 +56,8 @@ def _no_hooks(hooks) -> None:
 
 def _plain_state(state) -> None:
     items = [] if state is None else [*(state[0] or {}), *(state[1] or {})] if isinstance(state, tuple) else [*state]
-    if any(not isinstance(k, str) or k.startswith("__") for k in items):
-        raise UnsafeFileError("loading it would set special attributes on a tensor")
+    if any(not isinstance(k, str) or k.startswith("_") for k in items):  # _backward_hooks, __class__, ...
+        raise UnsafeFileError("loading it would set private attributes on a tensor")
 
 
 def _check_view(storage, offset, size, stride, dtype=None) -> None:
@@ -62,17 +67,21 @@ def _check_view(storage, offset, size, stride, dtype=None) -> None:
         raise UnsafeFileError("a tensor without its storage")
     size, stride = tuple(size), tuple(stride)
     if len(size) != len(stride) or any(type(n) is not int or n < 0 for n in (offset, *size, *stride)):
-        raise UnsafeFileError(f"a tensor of offset {offset}, size {str(size)[:40]}, stride {str(stride)[:40]}")
+        raise UnsafeFileError(f"a tensor of offset {brief(offset)}, size {brief(size)}, stride {brief(stride)}")
+    dtype = dtype or storage.dtype
+    if dtype not in _PLAIN_DTYPES:
+        raise UnsafeFileError(f"a tensor of {dtype} (weights are plain numbers)")
     count = math.prod(size)
     if count == 0:
         return
-    reach = (offset + sum((n - 1) * step for n, step in zip(size, stride)) + 1) * \
-        torch._utils._element_size(dtype or storage.dtype)
+    reach = (offset + sum((n - 1) * step for n, step in zip(size, stride)) + 1) * torch._utils._element_size(dtype)
     held = storage._untyped_storage.nbytes()
     if reach > held:
         raise UnsafeFileError(f"a tensor reaching {reach} bytes into a storage of {held}")
-    if count > storage._size() and count > MAX_EXPANDED:  # _size: TypedStorage's, without a warning
-        raise UnsafeFileError(f"a tensor view of {count} elements over {storage._size()} stored")
+    if count > storage._size():  # a broadcast view: copied out later it takes all its elements' memory
+        if count > MAX_EXPANDED:  # _size: TypedStorage's, without a warning
+            raise UnsafeFileError(f"a tensor view of {count} elements over {storage._size()} stored")
+        spend((count - storage._size()) * torch._utils._element_size(dtype))
 
 
 def _rebuild_tensor(storage, offset, size, stride):
@@ -112,7 +121,7 @@ _REBUILDS["_rebuild_meta_tensor_no_storage"] = torch._utils._rebuild_meta_tensor
 def _rebuild_from_type_v2(func, new_type, args, state):
     """A tensor with attributes, for tensor rebuilds and tensor classes only (torch's own would call
     any allowed callable and set the state on whatever it returns)."""
-    if func not in _REBUILDS.values() or new_type not in _SIZED:
+    if func not in _REBUILDS.values() or not isinstance(new_type, type) or new_type not in _SIZED:
         raise UnsafeFileError(f"loading it would call {_named(func)} to rebuild a {_named(new_type)}")
     _plain_state(state)
     return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
@@ -142,12 +151,12 @@ class TorchUnpickler(ArrayUnpickler):
     read_state: _Read
 
     def _refuse_sized(self, cls, args) -> None:
-        if cls in _SIZED and args:  # torch.FloatTensor(10**10), UntypedStorage(n): memory of the file's choosing
+        if isinstance(cls, type) and cls in _SIZED and args:  # torch.FloatTensor(10**10), UntypedStorage(n): memory of the file's choosing
             raise UnsafeFileError(f"loading it would call {_named(cls)} with arguments")
 
     def load_reduce(self) -> None:
         self._refuse_sized(self.stack[-2], self.stack[-1])
-        pickle._Unpickler.dispatch[pickle.REDUCE[0]](self)
+        ArrayUnpickler.load_reduce(self)
 
     def load_newobj(self) -> None:
         self._refuse_sized(self.stack[-2], self.stack[-1])
@@ -164,11 +173,12 @@ class TorchUnpickler(ArrayUnpickler):
             raise UnsafeFileError("a persistent id that is not a storage")
         storage_type, key, location, numel = pid[1:5]
         view = pid[5] if len(pid) == 6 else None
-        if not (isinstance(storage_type, torch.serialization.StorageType) or storage_type in _SIZED) \
+        if not (isinstance(storage_type, torch.serialization.StorageType)
+                or (isinstance(storage_type, type) and storage_type in _SIZED)) \
                 or not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0 \
                 or not (view is None or (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
                                          and all(type(n) is int and n >= 0 for n in view[1:]))):
-            raise UnsafeFileError(f"a storage id of unexpected fields {str(pid)[:80]}")
+            raise UnsafeFileError("a storage id of unexpected fields")
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else getattr(storage_type, "dtype", None)
         if not isinstance(dtype, torch.dtype):
             raise UnsafeFileError(f"a storage of type {_named(storage_type)}")

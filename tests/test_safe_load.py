@@ -487,3 +487,49 @@ def test_a_small_file_cannot_make_many_objects_from_few_bytes(tmp_path):
     one = b"\x80\x04" + block + b"0(" + array + b"l."  # the same array once: read
     (tmp_path / "once.pkl").write_bytes(one)
     assert safe_load.read(tmp_path / "once.pkl")[0].shape == (1 << 20,)
+
+
+def _nested_tuple(levels: int) -> bytes:
+    """A pickle leaving in memo slot ``levels`` a tuple of 10 references to the level below, 10**levels
+    elements expanded, in a few hundred bytes."""
+    body = b"Nq\x00"
+    for i in range(1, levels + 1):
+        body += b"0(" + (b"h" + bytes([i - 1])) * 10 + b"tq" + bytes([i])
+    return body + b"0"
+
+
+@pytest.mark.parametrize("use, refusal", [
+    (b"}h\x1eNs", "a dict key or set item of a tuple"),  # hashing it walks all 10**30
+    (_global("builtins", "set") + b"h\x1e\x85R", "a dict key or set item of a tuple"),
+    (_global("numpy", "dtype") + b"(h\x1e\x89\x88tR", "numpy dtype a tuple"),  # formatting it too
+])
+def test_nested_tuples_are_never_hashed_or_formatted_whole(tmp_path, use, refusal):
+    path = tmp_path / "nested.pt"
+    torch.save({}, path)  # a torch file: its pickle replaced by ours
+    import zipfile
+    with zipfile.ZipFile(path) as src:
+        records = {info.filename: src.read(info.filename) for info in src.infolist()}
+    name = next(n for n in records if n.endswith("data.pkl"))
+    records[name] = b"\x80\x02" + _nested_tuple(30) + use + b"."
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for n, data in records.items():
+            dst.writestr(n, data)
+    with pytest.raises(safe_load.UnsafeFileError, match=refusal):
+        safe_load.read(path)
+
+
+def test_a_shared_list_is_walked_once_by_the_deepmind_converter():
+    from byol_fast.layouts.deepmind import _leaves
+
+    tree = [1]
+    for _ in range(30):  # 10**30 paths if each reference were walked
+        tree = [tree] * 10
+    assert len(list(_leaves(tree, "opt_state"))) == 9 * 30 + 1  # each list once, each further reference a leaf
+
+
+def test_a_tensor_s_private_attributes_are_refused(tmp_path):
+    tensor = torch.ones(2)
+    tensor._backward_hooks_alike = {}
+    torch.save({"t": tensor}, tmp_path / "private.pt")
+    with pytest.raises(safe_load.UnsafeFileError, match="private attributes"):
+        safe_load.read(tmp_path / "private.pt")

@@ -130,14 +130,21 @@ def _tensor(value) -> torch.Tensor:
     return torch.tensor(np.asarray(value))
 
 
-def _leaves(tree, path: str):
-    """(path, leaf) of every array in nested mappings, lists and tuples; path parts joined by "/"."""
-    if isinstance(tree, Mapping):
+def _leaves(tree, path: str, _seen: set | None = None):
+    """(path, leaf) of every array in nested mappings, lists and tuples; path parts joined by "/".
+    A container met again (a file may refer to one list from many places, nesting to 10**30
+    paths in a few KB) is one leaf at each further place, not walked again."""
+    seen = set() if _seen is None else _seen
+    if isinstance(tree, (Mapping, list, tuple)) and id(tree) in seen:
+        yield path, tree
+    elif isinstance(tree, Mapping):
+        seen.add(id(tree))
         for k, v in tree.items():
-            yield from _leaves(v, f"{path}/{k}")
+            yield from _leaves(v, f"{path}/{k}", seen)
     elif isinstance(tree, (list, tuple)):
+        seen.add(id(tree))
         for i, v in enumerate(tree):
-            yield from _leaves(v, f"{path}/{i}")
+            yield from _leaves(v, f"{path}/{i}", seen)
     else:
         yield path, tree
 
