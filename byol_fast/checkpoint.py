@@ -296,8 +296,9 @@ def _encoder_tag(mean, std, padding: str) -> dict:
 
 def encoder_tag(obj: dict) -> dict:
     """What an exported encoder was tagged with (kind, mean, std, padding), or {} for a foreign state_dict."""
-    tag = (getattr(obj, "_metadata", None) or {}).get("", {})
-    return tag if tag.get("kind") == ENCODER else {}
+    meta = getattr(obj, "_metadata", None)
+    tag = meta.get("") if isinstance(meta, dict) else None
+    return tag if isinstance(tag, dict) and type(tag.get("kind")) is str and tag["kind"] == ENCODER else {}
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -316,12 +317,12 @@ def _read_safetensors(path: Path) -> dict:
 
 def kind_of(obj: dict) -> str | None:
     """The kind of a loaded file: PRETRAIN, LINEAR, ENCODER, or None (e.g. a foreign state_dict)."""
-    if obj.get("kind") in (PRETRAIN, LINEAR):
-        return obj["kind"]
+    kind = obj.get("kind")
+    if type(kind) is str and kind in (PRETRAIN, LINEAR):  # a file's "kind" may be anything: an array too
+        return kind
     if "online" in obj and "config" in obj:  # a pretraining checkpoint from before the tags
         return PRETRAIN
-    meta = getattr(obj, "_metadata", None) or {}
-    return ENCODER if meta.get("", {}).get("kind") == ENCODER else None
+    return ENCODER if encoder_tag(obj) else None
 
 
 def load(path: str | Path, kind: str | None = None, map_location="cpu") -> dict:

@@ -41,6 +41,8 @@ def brief(value) -> str:
     file's tuples can nest to 10**30 elements in a few KB: never format them whole)."""
     if isinstance(value, (str, bytes)):
         return repr(value[:40])
+    if type(value) is int and value.bit_length() > 128:
+        return f"an int of {value.bit_length()} bits"
     if type(value) in (int, float, bool) or value is None:
         return repr(value)[:40]
     return f"a {type(value).__name__}"

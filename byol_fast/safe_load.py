@@ -226,9 +226,18 @@ class ArrayUnpickler(pickle._Unpickler):
     def load_reduce(self) -> None:
         func, args = self.stack[-2], self.stack[-1]
         if isinstance(func, type) and func in _HASHING and isinstance(args, tuple) and args:
-            items = args[0] if isinstance(args[0], (list, tuple)) else ()  # set(items), OrderedDict(pairs), ...
-            _check_keys(items if func in (set, frozenset, collections.Counter) else
-                        [pair[0] for pair in items if isinstance(pair, (tuple, list)) and pair])
+            # set(items), OrderedDict(pairs), ...: from a list or tuple whose items are checked here, or a
+            # mapping or set already checked as it was built; never an array or tensor, which iterate
+            # to items no check has seen
+            items = args[0]
+            if len(args) > 1 or type(items) not in _ITEM_SOURCES:
+                raise UnsafeFileError(f"{_named(func)} of {safe_arrays.brief(items)}")
+            if type(items) in (list, tuple):
+                if func not in (set, frozenset, collections.Counter):
+                    if any(type(pair) not in (list, tuple) or len(pair) != 2 for pair in items):
+                        raise UnsafeFileError(f"{_named(func)} of items that are not pairs")
+                    items = [pair[0] for pair in items]
+                _check_keys(items)
         pickle._Unpickler.dispatch[pickle.REDUCE[0]](self)
 
     def _checked(name: str, kinds: tuple | None, where: int, keys=None):
@@ -259,14 +268,17 @@ class ArrayUnpickler(pickle._Unpickler):
 # What hashes the items it is given (dict keys, set items): a file's nested tuples must not reach it.
 _HASHING = {set, frozenset, dict, collections.OrderedDict, collections.Counter}
 _SCALARS = (str, bytes, int, float, bool, complex, type(None))
+_ITEM_SOURCES = (list, tuple, dict, collections.OrderedDict, collections.Counter, set, frozenset)
+MAX_KEY_BITS = 256  # an int's hash is not cached: a huge int key rehashed at every reference
 
 
 def _check_keys(keys) -> None:
     """Dict keys and set items: scalars, or short tuples of scalars. A tuple's hash walks all of it,
     uncached, and with the memo a few KB of pickle nest tuples to 10**30 elements."""
     for key in keys:
-        if not (type(key) in _SCALARS or (type(key) is tuple and len(key) <= 16
-                                          and all(type(part) in _SCALARS for part in key))):
+        parts = key if type(key) is tuple and len(key) <= 16 else (key,)
+        if not all(type(part) in _SCALARS and (type(part) is not int or part.bit_length() <= MAX_KEY_BITS)
+                   for part in parts):
             raise UnsafeFileError(f"a dict key or set item of {safe_arrays.brief(key)}")
 
 

@@ -533,3 +533,27 @@ def test_a_tensor_s_private_attributes_are_refused(tmp_path):
     torch.save({"t": tensor}, tmp_path / "private.pt")
     with pytest.raises(safe_load.UnsafeFileError, match="private attributes"):
         safe_load.read(tmp_path / "private.pt")
+
+
+@pytest.mark.parametrize("body, refusal", [
+    # a mapping built from an array or tensor iterates to items no check has seen
+    (_global("collections", "OrderedDict") + b"(" + _global("numpy._core.multiarray", "_reconstruct") + b"(" +
+     _global("numpy", "ndarray") + b"(" + _int(0) + b"tC\x01btRt" + b"R", "OrderedDict of a ArraySpec"),
+    # an int's hash is not cached: a huge one, as a key named many times, is rehashed each time
+    (b"}\x8a\x82" + b"\x01" * 130 + b"Ns", "a dict key or set item of an int of"),
+])
+def test_keys_only_from_checked_items(tmp_path, body, refusal):
+    path = tmp_path / "keys.pkl"
+    path.write_bytes(b"\x80\x02" + body + b".")
+    with pytest.raises(safe_load.UnsafeFileError, match=refusal):
+        safe_load.read(path)
+
+
+def test_a_file_s_odd_kind_or_metadata_is_a_checkpoint_error(tmp_path):
+    """kind_of reads what the file says: an array as "kind", a list as the encoder tag."""
+    odd = collections.OrderedDict(a=torch.ones(1))
+    odd._metadata = {"": [1]}
+    for name, obj in (("kind", {"kind": np.array(["a", "b"])}), ("meta", odd)):
+        torch.save(obj, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match="is not a .*pretrain checkpoint"):
+            checkpoint.load(tmp_path / f"{name}.pt", kind=checkpoint.PRETRAIN)
