@@ -12,11 +12,14 @@ saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` ret
   writes them, ``collections.OrderedDict``, inert stand-ins of DeepMind's data classes and the
   plain-data classes of :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins, nothing else; it
   sets state (pickle's BUILD) only on the builders and stand-ins, never on a class or function the
-  allow-list holds, and adds items to lists and dicts only;
+  allow-list holds, adds items to lists and dicts only, hashes only scalar keys, and keeps each file
+  within budgets (namedtuple classes here, array bytes in :func:`safe_arrays.reading`);
 - torch files, zip or legacy format: :mod:`byol_fast.safe_torch`, the same unpickler with what
   torch's own weights-only reader admits (tensors, storages, dtypes, devices, sizes), checked.
 
-Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for.
+Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for, or
+what it tried. Six review rounds attacked these readers with crafted files (tests/test_safe_load.py
+keeps one of each kind found).
 """
 from __future__ import annotations
 
