@@ -137,26 +137,24 @@ class ClassifierRun:
                                    str(path))
         elif self.finetune:
             labelled = index.labelled_fraction(cfg.label_fraction, cfg.seed)
-        if not cfg.holdout:
-            if self.finetune:
-                self.log(f"labelled subset: {len(labelled)} of {len(index)} training images")
-            val = split_index(self.data.path, "val", self.info, workers)
-            if index.classes != val.classes:
-                raise ConfigError(f"data.path: train/ and val/ of {self.data.path} have different class folders")
-            return index.take(labelled), val
-        if cfg.holdout >= len(index):
-            raise ConfigError(f"holdout: {cfg.holdout} images is not fewer than the {len(index)} of "
-                              f"{store.join(self.data.path, 'train')}")
-        try:
-            train, held = index.held_out(labelled, cfg.holdout, cfg.seed)
-        except ValueError as e:
-            raise ConfigError(f"holdout: {e} ({store.join(self.data.path, 'train')})") from None
+        train, val = labelled, None
+        if cfg.holdout:
+            try:
+                train, held = index.held_out(labelled, cfg.holdout, cfg.seed)
+            except ValueError as e:
+                raise ConfigError(f"holdout: {e} ({store.join(self.data.path, 'train')})") from None
+            val = index.take(held)
         if self.finetune:
             self.log(f"labelled subset: {len(train)} of {len(index)} training images"
                      + (f" ({len(labelled) - len(train)} of the {len(labelled)} drawn went to the held-out split)"
                         if len(train) < len(labelled) else ""))
-        self.log(f"validation: {len(held)} images held out of train/ (not val/); training on {len(train)}")
-        return index.take(train), index.take(held)
+        if val is not None:
+            self.log(f"validation: {len(val)} images held out of train/ (not val/); training on {len(train)}")
+            return index.take(train), val
+        val = split_index(self.data.path, "val", self.info, workers)
+        if index.classes != val.classes:
+            raise ConfigError(f"data.path: train/ and val/ of {self.data.path} have different class folders")
+        return index.take(train), val
 
     def _build_data(self) -> None:
         """Images mode: two image loaders. Cached mode: features of center crops, computed here once."""

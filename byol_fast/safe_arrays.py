@@ -18,9 +18,9 @@ Here each of those names stands for a small builder instead:
   builds the array with ``np.frombuffer`` or element by element;
 - :func:`scalar` (for numpy's scalar reconstruction) the same for one value.
 
-Both readers of :mod:`byol_fast.safe_load` (torch's weights-only unpickler and the plain-pickle
-one) map numpy's names to these, and :func:`resolve` replaces the specs in what they return by
-the arrays and dtypes built.
+byol_fast's unpickler (:mod:`byol_fast.safe_load`, for plain pickles and, through
+:mod:`byol_fast.safe_torch`, torch files) maps numpy's names to these, and :func:`resolve` replaces
+the specs in what it returns by the arrays and dtypes built, within the budgets of :func:`reading`.
 """
 from __future__ import annotations
 
@@ -65,7 +65,6 @@ class DtypeSpec:
             self._base = np.dtype(code)
         except TypeError as e:
             raise UnsafeArrayError(f"numpy dtype {code!r} ({e})") from None
-        self.dtype = None
 
     def __setstate__(self, state) -> None:
         if not hasattr(self, "_base") or self.dtype is not None:

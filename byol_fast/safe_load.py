@@ -26,7 +26,6 @@ from __future__ import annotations
 import _compat_pickle
 import codecs
 import collections
-import contextlib
 import pickle
 import threading
 import zipfile
@@ -87,23 +86,12 @@ MAX_FIELDS, MAX_CLASSES = 64, 64  # of a namedtuple class dill writes, and such 
 
 
 class _Budget(threading.local):
-    """What this thread's current read has made (see :func:`_one_read`)."""
+    """What this thread's current read has made (see :func:`_guarded`)."""
 
     classes = 0
 
 
 _BUDGET = _Budget()
-
-
-@contextlib.contextmanager
-def _one_read(path: Path):
-    """The span of reading one file: its budgets of namedtuple classes and of array bytes."""
-    outer, _BUDGET.classes = _BUDGET.classes, 0
-    try:
-        with safe_arrays.reading(path.stat().st_size):
-            yield
-    finally:
-        _BUDGET.classes = outer
 
 
 def _dill_namedtuple(name, fields, module, defaults=None) -> type:
@@ -303,11 +291,7 @@ def read(path: str | Path, map_location="cpu"):
     if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
         from byol_fast import safe_torch  # torch files: ours on top of torch's archive reading
 
-        try:
-            with _one_read(path):
-                return safe_arrays.resolve(safe_torch.read(path, map_location))
-        except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
-            raise _refusal(path, str(e)) from None
+        return _guarded(path, lambda: safe_torch.read(path, map_location))
     return read_pickle(path)
 
 
@@ -325,9 +309,21 @@ def _starts_like_legacy_torch(path: Path) -> bool:
 def read_pickle(path: str | Path):
     """A plain pickle of numpy arrays in dicts, lists and tuples, read with :class:`ArrayUnpickler`."""
     path = Path(path)
-    with open(path, "rb") as f:
-        try:
-            with _one_read(path):
-                return safe_arrays.resolve(ArrayUnpickler(f).load())
-        except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
-            raise _refusal(path, str(e)) from None
+
+    def load():
+        with open(path, "rb") as f:
+            return ArrayUnpickler(f).load()
+    return _guarded(path, load)
+
+
+def _guarded(path: Path, load):
+    """``load()`` as one read of ``path``: within its budgets (namedtuple classes here, array bytes
+    and walks in :func:`safe_arrays.reading`), its array specs resolved, a refusal naming the file."""
+    outer, _BUDGET.classes = _BUDGET.classes, 0
+    try:
+        with safe_arrays.reading(path.stat().st_size):
+            return safe_arrays.resolve(load())
+    except (UnsafeFileError, safe_arrays.UnsafeArrayError) as e:
+        raise _refusal(path, str(e)) from None
+    finally:
+        _BUDGET.classes = outer
