@@ -5,6 +5,14 @@ gives it, seeded by (seed, rank, epoch) (a CPU build takes tens of milliseconds)
 needs no saved state and a position inside an epoch is the DALI checkpoint of that pipeline
 (reader position and every random generator).
 
+Epoch boundaries cost nothing they need not (:class:`_Scheduled`): a pipeline is run ahead by its
+prefetch depth but never past the batches its epoch has (``Pipeline.run`` would compute one more,
+thrown away, and deleting the pipeline waits for it), and once the last batches of an epoch are
+scheduled, the next epoch's pipeline is built and starts on its first batches while the consumer
+still takes the last ones. It is the very pipeline the next epoch would otherwise build (same files,
+same seed), so batches do not depend on it; after a run's last epoch it is built for nothing (a build
+and the first batches, once per run).
+
 DALI's outputs reach torch without a copy (DLPack; DALI's dynamic executor keeps an output's memory
 alive while a torch tensor refers to it) and as ``(N, 3, H, W)`` views of NHWC memory, i.e. torch's
 channels_last format.
@@ -16,6 +24,7 @@ once DALI has read them. Labels are attached here, from the samples each batch h
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -56,6 +65,34 @@ def _remove_orphans() -> None:
             shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+class _Scheduled:
+    """A built pipeline driven by ``schedule_run``/``outputs``: at most its prefetch depth of batches
+    ahead of the consumer, and never more than ``total`` batches in all (None: no end, for the
+    evaluation pipeline that serves every epoch). Build it with a depth of at most ``total``."""
+
+    def __init__(self, pipe, total: int | None):
+        self.pipe, self.total, self.scheduled = pipe, total, 0
+
+    def start(self) -> None:
+        """Start computing the first batches (DALI schedules the whole prefetch depth at once)."""
+        if self.scheduled == 0:
+            self.pipe.schedule_run()
+            self.scheduled = self.pipe.prefetch_queue_depth
+
+    @property
+    def all_scheduled(self) -> bool:
+        return self.total is not None and self.scheduled >= self.total
+
+    def next(self):
+        """The next batch's outputs (as ``Pipeline.run`` returns them), scheduling one more if any is left."""
+        if self.scheduled == 0:
+            self.start()
+        elif not self.all_scheduled:
+            self.pipe.schedule_run()
+            self.scheduled += 1
+        return self.pipe.outputs()
+
+
 class _DaliLoader(EpochLoader):
     """One pipeline per epoch; subclasses say how to build it (``_build``) and read it (``_convert``).
 
@@ -70,8 +107,9 @@ class _DaliLoader(EpochLoader):
         self.files = files if isinstance(files, ShardSamples) else list(files)
         self.labels = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64))
         self.device, self.torch_device = device, torch.device(torch_device)
-        self._pipe, self._pipe_epoch, self._offset = None, None, 0
+        self._pipe, self._pipe_epoch, self._offset = None, None, 0  # _pipe: a _Scheduled
         self._order = torch.zeros(0, dtype=torch.int64)
+        self._ahead = None  # (epoch, _Scheduled, order): the next epoch's pipeline, built early
         self._saved = None  # (epoch, DALI checkpoint, offset) from load_state_dict, used at the next build
         self._tmp = None  # the folder of this loader's reader index files (shards only)
 
@@ -92,32 +130,59 @@ class _DaliLoader(EpochLoader):
             os.remove(os.path.join(self._tmp, name))
         return self.files.reader_list(order, self._tmp, f"rank{self.shard.rank}")
 
-    def _pipeline(self, epoch: int, step: int):
+    def _pipeline(self, epoch: int, step: int) -> _Scheduled:
         if self._pipe_epoch == epoch:
             return self._pipe
         if not self.train and self._pipe is not None and step == 0 and self._offset == 0:
             self._pipe_epoch = epoch  # evaluation: the same files every epoch, one reader epoch each
             return self._pipe
-        saved = self._saved if self._saved and self._saved[0] == epoch and step > 0 else None
-        checkpoint, offset = (saved[1], saved[2]) if saved and saved[1] is not None else (None, step)
-        order = self.files_of(epoch)[offset * self.batch_size:]
-        self._pipe = None  # free the last epoch's pipeline before building the next
-        self._pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint,
-                                 self.steps_per_epoch - offset)
+        ahead, self._ahead = self._ahead, None
+        self._pipe = None  # free the last epoch's pipeline before building (or adopting) the next
+        if ahead is not None and ahead[0] == epoch and step == 0 and not self._saved:
+            _, self._pipe, order = ahead
+            offset = 0
+        else:
+            del ahead
+            saved = self._saved if self._saved and self._saved[0] == epoch and step > 0 else None
+            checkpoint, offset = (saved[1], saved[2]) if saved and saved[1] is not None else (None, step)
+            order = self.files_of(epoch)[offset * self.batch_size:]
+            self._pipe = self._scheduled(order, epoch, checkpoint, self.steps_per_epoch - offset,
+                                         self.steps_per_epoch - step)
         self._pipe_epoch, self._offset, self._saved = epoch, offset, None
         self._order = torch.as_tensor(order, dtype=torch.int64)  # the pipeline's samples: labels, errors
         return self._pipe
 
+    def _scheduled(self, order: list[int], epoch: int, checkpoint, steps: int, left: int) -> _Scheduled:
+        """The pipeline of ``order`` for ``epoch`` (``steps`` batches, ``left`` of them still to read,
+        fewer when resumed from a DALI checkpoint), to be run ahead by at most its prefetch depth."""
+        total = left if self.train else None  # evaluation: one pipeline reads every epoch
+        depth = max(1, min(self.reader.prefetch, left))
+        pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint, steps, depth)
+        return _Scheduled(pipe, total)
+
+    def _build_ahead(self, epoch: int) -> None:
+        """Build the pipeline of ``epoch`` (from its start) and start its first batches. A failure is
+        left for that epoch to meet: the pipeline is built again then, and the error raised there."""
+        order = self.files_of(epoch)
+        try:
+            run = self._scheduled(order, epoch, None, self.steps_per_epoch, self.steps_per_epoch)
+            run.start()
+        except (RuntimeError, OSError):
+            return
+        self._ahead = (epoch, run, order)
+
     def _batches(self, epoch: int, step: int):
         try:
-            pipe = self._pipeline(epoch, step)  # a build opens every tar (or file) of the epoch
+            run = self._pipeline(epoch, step)  # a build opens every tar (or file) of the epoch
         except RuntimeError as e:
             raise self._read_error(e) from None
         for k in range(step, self.steps_per_epoch):
             try:
-                out = pipe.run()
+                out = run.next()
             except RuntimeError as e:
                 raise self._read_error(e, k) from None
+            if self.train and run.all_scheduled and self._ahead is None:
+                self._build_ahead(epoch + 1)
             yield self._convert(out, k)
 
     def _source_of(self, i: int) -> str:
@@ -151,13 +216,13 @@ class _DaliLoader(EpochLoader):
 
     def _position(self, epoch: int, step: int) -> dict:
         if step > 0 and self._pipe_epoch == epoch:
-            return {"pipeline": self._pipe.checkpoint(), "offset": self._offset}
+            return {"pipeline": self._pipe.pipe.checkpoint(), "offset": self._offset}
         if step > 0 and self._saved and self._saved[0] == epoch:
             return {"pipeline": self._saved[1], "offset": self._saved[2]}
         return {"pipeline": None, "offset": 0}
 
     def _restore(self, state: dict) -> None:
-        self._pipe, self._pipe_epoch, self._offset = None, None, 0  # rebuilt lazily from the checkpoint
+        self._pipe, self._pipe_epoch, self._offset, self._ahead = None, None, 0, None  # rebuilt lazily from the checkpoint
         self._saved = (self._epoch, state.get("pipeline"), int(state.get("offset", 0)))
 
     def _tensor(self, batch) -> torch.Tensor:
@@ -185,10 +250,11 @@ class DaliTwoViewLoader(_DaliLoader):
         super().__init__(files, labels, batch_size, device, shard, seed, torch_device, train=True)
         self.data, self.reader, self.windows = data, reader, windows
 
-    def _build(self, order, seed, checkpoint, steps):
+    def _build(self, order, seed, checkpoint, steps, depth):
         from pipelines.pretrain import build_pretrain_pipeline
 
-        return build_pretrain_pipeline(self._source(order), self.data, self.reader, self.batch_size, self.device,
+        reader = dataclasses.replace(self.reader, prefetch=depth)
+        return build_pretrain_pipeline(self._source(order), self.data, reader, self.batch_size, self.device,
                                        self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint,
                                        self.windows)
 
@@ -217,11 +283,12 @@ class DaliEvalLoader(_DaliLoader):
         self.data, self.reader = data, reader
         self._real = len(self.files_of(0))  # files of this rank before padding (evaluation)
 
-    def _build(self, order, seed, checkpoint, steps):
+    def _build(self, order, seed, checkpoint, steps, depth):
         from pipelines.evaluation import build_eval_pipeline
 
         order = order + [order[-1] if order else 0] * (steps * self.batch_size - len(order))
-        return build_eval_pipeline(self._source(order), self.data, self.reader, self.train, self.batch_size,
+        reader = dataclasses.replace(self.reader, prefetch=depth)
+        return build_eval_pipeline(self._source(order), self.data, reader, self.train, self.batch_size,
                                    self.device, self.shard.local_rank if self.device == "gpu" else None, seed,
                                    checkpoint)
 

@@ -179,6 +179,22 @@ def test_the_random_draws_resume_too(photos, kind):
     assert torch.equal(next(iter(make(kind, photos, Shard(1, 2), views=recipe)))[0], first[0])  # and are seeded
 
 
+@pytest.mark.parametrize("kind", ["dali-two-view", "dali-eval", "dali-two-view-shards"])
+def test_an_epoch_started_early_is_the_epoch_a_fresh_start_gives(photos, kind):
+    """The DALI loaders build the next epoch's pipeline while the last batches of an epoch are still
+    being taken: its batches are, pixel for pixel, those of a loader that starts at that epoch."""
+    recipe = DataConfig(image_size=S)
+    straight = make(kind, photos, Shard(0, 2), views=recipe)
+    batches_of(straight)
+    assert straight._ahead is not None and straight._ahead[0] == 1  # epoch 1 was built early
+    early = batches_of(straight)
+    fresh = make(kind, photos, Shard(0, 2), views=recipe)
+    fresh.load_state_dict({"epoch": 1, "step": 0})
+    again = batches_of(fresh)
+    assert len(early) == len(again) == straight.steps_per_epoch
+    assert all(torch.equal(x, y) for a, b in zip(early, again) for x, y in zip(a, b))
+
+
 @pytest.mark.parametrize("kind", LOADERS)
 def test_a_position_without_a_pipeline_checkpoint_reads_the_rest_of_the_epoch(greys, kind):
     """{epoch, step} alone (what a run resumed by another number of processes has): the files that
