@@ -29,13 +29,17 @@ How it is computed, and where it departs from torchvision's transforms:
   horizontal mirror (per-pixel maps, a symmetric blur kernel with mirrored borders), so the
   distribution of outputs is the same as flipping right after the crop.
 * Blur and solarize work on uint8, as torchvision does on PIL images; solarize inverts pixels
-  ``>= 255 * threshold`` (a pixel of 128 is inverted at threshold 0.5).
+  ``>= 255 * threshold`` (a pixel of 128 is inverted at threshold 0.5). Each sample's blur window is
+  cut to 4 sigma each side of the centre (at most the configured window): the same image as the whole
+  window after rounding, bar pixels at a rounding tie (:data:`BLUR_RADIUS_SIGMAS` says why).
 
 Outputs: two float32 batches, layout HWC (``(N, H, W, 3)`` once stacked), normalised with ``mean`` and
 ``std`` given for [0, 1] pixels. HWC is chosen so that torch's ``x.permute(0, 3, 1, 2)`` is an NCHW
 tensor with channels_last strides, the format the convolutions run fastest in, without a copy.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import nvidia.dali.math as dmath
@@ -168,11 +172,30 @@ def _maybe(p: float, op, img):
     return img
 
 
+# The paper's blur window (10% of the view: 23 px at 224) is wider than its Gaussians need. Beyond
+# 4 sigma from the centre the weights hold under 2.2e-5 of the kernel's mass (both sides), so cutting
+# each sample's window to 2 ceil(4 sigma) + 1 (never more than the configured window) moves an output by
+# at most about 0.01 of a uint8 level per pass: the same image after rounding, bar exact ties. With
+# sigma uniform in (0.1, 2) the window averages about 10 px instead of 23, and the blur, the costliest
+# op of the CPU graph at 224 px (DALI: about 4 ms per image at the full window), costs 2.2x less.
+BLUR_RADIUS_SIGMAS = 4.0
+
+
+def blur_window(sigma: float, kernel: int) -> int:
+    """The window a sample blurred with ``sigma`` gets: 2 ceil(4 sigma) + 1, at most ``kernel``."""
+    return min(kernel, 2 * math.ceil(BLUR_RADIUS_SIGMAS * sigma) + 1)
+
+
 def _blur(view: ViewConfig):
     lo, hi = view.blur_sigma
-    # Drawn for every sample (outside the conditional), so the random stream does not depend on p.
-    sigma = fn.random.uniform(range=(lo, hi)) if hi > lo else float(lo)
-    return lambda img: fn.gaussian_blur(img, window_size=view.blur_kernel, sigma=sigma)
+    if hi > lo:
+        # Drawn for every sample (outside the conditional), so the random stream does not depend on p.
+        sigma = fn.random.uniform(range=(lo, hi))
+        radius = fn.cast(dmath.ceil(sigma * BLUR_RADIUS_SIGMAS), dtype=types.INT32)
+        window = dmath.min(radius * 2 + 1, view.blur_kernel)
+    else:
+        sigma, window = float(lo), blur_window(lo, view.blur_kernel)
+    return lambda img: fn.gaussian_blur(img, window_size=window, sigma=sigma)
 
 
 def _solarize(view: ViewConfig):
