@@ -77,6 +77,9 @@ class ReaderConfig:
     num_threads: int = 4  # DALI CPU threads (or DataLoader workers for the torchvision loaders)
     prefetch: int = 2  # batches DALI prepares ahead
     hw_decoder_load: float = 0.65  # share of JPEG decoding sent to the hardware decoder (A100/H100)
+    # DALI: build the next epoch's pipeline while the last batches of an epoch are taken (no stall at the
+    # boundary; for those moments a second pipeline's memory, on the GPU too: false where that is short)
+    build_ahead: bool = True
     index_workers: int = 0  # processes of the dataset-index scan (0 = all cores)
 
 

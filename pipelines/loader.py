@@ -9,7 +9,7 @@ Epoch boundaries cost nothing they need not (:class:`_Scheduled`): a pipeline is
 prefetch depth but never past the batches its epoch has (``Pipeline.run`` would compute one more,
 thrown away, and deleting the pipeline waits for it), and once the last batches of an epoch are
 scheduled, the next epoch's pipeline is built and starts on its first batches while the consumer
-still takes the last ones. It is the very pipeline the next epoch would otherwise build (same files,
+still takes the last ones (``reader.build_ahead``). It is the very pipeline the next epoch would otherwise build (same files,
 same seed), so batches do not depend on it; after a run's last epoch it is built for nothing (a build
 and the first batches, once per run).
 
@@ -181,7 +181,7 @@ class _DaliLoader(EpochLoader):
                 out = run.next()
             except RuntimeError as e:
                 raise self._read_error(e, k) from None
-            if self.train and run.all_scheduled and self._ahead is None:
+            if self.train and self.reader.build_ahead and run.all_scheduled and self._ahead is None:
                 self._build_ahead(epoch + 1)
             yield self._convert(out, k)
 

@@ -10,6 +10,7 @@ webdataset reader: there a sample's label is still its file's index.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -69,18 +70,18 @@ def photos(tmp_path_factory):
     return [save(root / f"photo{i:02d}.jpg", smooth_texture(rng, 40, 48)) for i in range(16)]
 
 
-def make(kind: str, files, shard: Shard, train: bool = True, views: DataConfig = TWO_VIEW):
+def make(kind: str, files, shard: Shard, train: bool = True, views: DataConfig = TWO_VIEW, reader=READER):
     labels = list(range(len(files)))
     if kind.endswith("-shards"):
         shards = packed(files)
         files, labels = shards.samples, shards.labels
         kind = kind[:-len("-shards")]
     if kind == "dali-two-view":
-        return DaliTwoViewLoader(files, views, READER, BATCH, "cpu", shard, SEED, CPU, labels=labels)
+        return DaliTwoViewLoader(files, views, reader, BATCH, "cpu", shard, SEED, CPU, labels=labels)
     if kind == "torchvision-two-view":
         return TorchvisionTwoViewLoader(files, views, BATCH, 0, shard, SEED, labels=labels)
     if kind == "dali-eval":
-        return DaliEvalLoader(files, labels, train, CROPS, READER, BATCH, "cpu", shard, SEED, CPU)
+        return DaliEvalLoader(files, labels, train, CROPS, reader, BATCH, "cpu", shard, SEED, CPU)
     if kind == "torchvision-eval":
         return TorchvisionEvalLoader(files, labels, train, CROPS, BATCH, 0, shard, SEED)
     features = torch.arange(len(files), dtype=torch.float32).view(-1, 1)  # row i "is" file i
@@ -180,13 +181,15 @@ def test_the_random_draws_resume_too(photos, kind):
 
 
 @pytest.mark.parametrize("kind", ["dali-two-view", "dali-eval", "dali-two-view-shards"])
-def test_an_epoch_started_early_is_the_epoch_a_fresh_start_gives(photos, kind):
+@pytest.mark.parametrize("ahead", [True, False])
+def test_an_epoch_started_early_is_the_epoch_a_fresh_start_gives(photos, kind, ahead):
     """The DALI loaders build the next epoch's pipeline while the last batches of an epoch are still
-    being taken: its batches are, pixel for pixel, those of a loader that starts at that epoch."""
+    being taken (unless reader.build_ahead is off): its batches are, pixel for pixel, those of a loader
+    that starts at that epoch."""
     recipe = DataConfig(image_size=S)
-    straight = make(kind, photos, Shard(0, 2), views=recipe)
+    straight = make(kind, photos, Shard(0, 2), views=recipe, reader=dataclasses.replace(READER, build_ahead=ahead))
     batches_of(straight)
-    assert straight._ahead is not None and straight._ahead[0] == 1  # epoch 1 was built early
+    assert (straight._ahead is not None and straight._ahead[0] == 1) == ahead  # epoch 1 built early, or not
     early = batches_of(straight)
     fresh = make(kind, photos, Shard(0, 2), views=recipe)
     fresh.load_state_dict({"epoch": 1, "step": 0})
