@@ -296,7 +296,18 @@ def _build(cls: type, values: dict, prefix: str = ""):
         kwargs["view2"] = _coerce({**VIEW2_DEFAULTS, **values["view2"]}, ViewConfig, prefix + "view2")
     obj = cls(**kwargs)
     _check_choices(obj, prefix)
+    if cls is ViewConfig:
+        _check_view(obj, prefix)
     return obj
+
+
+def _check_view(view: ViewConfig, prefix: str) -> None:
+    """The blur as torchvision and the paper define it: an odd window, 0 < sigma_min <= sigma_max."""
+    if view.blur_kernel < 1 or view.blur_kernel % 2 == 0:
+        raise ConfigError(f"{prefix}blur_kernel: {view.blur_kernel} is not an odd number of pixels")
+    lo, hi = view.blur_sigma
+    if not 0 < lo <= hi:
+        raise ConfigError(f"{prefix}blur_sigma: {list(view.blur_sigma)} is not a range 0 < min <= max")
 
 
 def _check_choices(obj, prefix: str) -> None:

@@ -110,6 +110,7 @@ class _DaliLoader(EpochLoader):
         self._pipe, self._pipe_epoch, self._offset = None, None, 0  # _pipe: a _Scheduled
         self._order = torch.zeros(0, dtype=torch.int64)
         self._ahead = None  # (epoch, _Scheduled, order): the next epoch's pipeline, built early
+        self._tars_seen = None  # _tar_identities() when the current pipeline was built (shards)
         self._saved = None  # (epoch, DALI checkpoint, offset) from load_state_dict, used at the next build
         self._tmp = None  # the folder of this loader's reader index files (shards only)
 
@@ -138,7 +139,7 @@ class _DaliLoader(EpochLoader):
             return self._pipe
         ahead, self._ahead = self._ahead, None
         self._pipe = None  # free the last epoch's pipeline before building (or adopting) the next
-        if ahead is not None and ahead[0] == epoch and step == 0 and not self._saved:
+        if ahead is not None and ahead[0] == epoch and ahead[1] is not None and step == 0:
             _, self._pipe, order = ahead
             offset = 0
         else:
@@ -146,6 +147,7 @@ class _DaliLoader(EpochLoader):
             saved = self._saved if self._saved and self._saved[0] == epoch and step > 0 else None
             checkpoint, offset = (saved[1], saved[2]) if saved and saved[1] is not None else (None, step)
             order = self.files_of(epoch)[offset * self.batch_size:]
+            self._tars_seen = self._tar_identities()
             self._pipe = self._scheduled(order, epoch, checkpoint, self.steps_per_epoch - offset,
                                          self.steps_per_epoch - step)
         self._pipe_epoch, self._offset, self._saved = epoch, offset, None
@@ -154,15 +156,35 @@ class _DaliLoader(EpochLoader):
 
     def _scheduled(self, order: list[int], epoch: int, checkpoint, steps: int, left: int) -> _Scheduled:
         """The pipeline of ``order`` for ``epoch`` (``steps`` batches, ``left`` of them still to read,
-        fewer when resumed from a DALI checkpoint), to be run ahead by at most its prefetch depth."""
-        total = left if self.train else None  # evaluation: one pipeline reads every epoch
-        depth = max(1, min(self.reader.prefetch, left))
+        fewer when resumed from a DALI checkpoint), run ahead by at most its prefetch depth: training's
+        never past its epoch, evaluation's (one pipeline for every epoch) without an end."""
+        if self.train:
+            total, depth = left, max(1, min(self.reader.prefetch, left))
+        else:
+            total, depth = None, max(1, self.reader.prefetch)
         pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint, steps, depth)
         return _Scheduled(pipe, total)
 
+    def _tar_identities(self) -> dict | None:
+        """(device, inode, size, mtime) of every local tar of a shard set (None: files, or a tar that
+        cannot be stat'ed). DALI lets a new pipeline share the mapping of a tar that a live pipeline has
+        open, so a pipeline built ahead would go on reading a tar deleted or replaced since, where a
+        pipeline built after the last one is freed opens it afresh and reports it."""
+        if not isinstance(self.files, ShardSamples):
+            return None
+        try:
+            return {t: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                    for t in self.files.tars if "://" not in t for st in (os.stat(t),)}
+        except OSError:
+            return None
+
     def _build_ahead(self, epoch: int) -> None:
-        """Build the pipeline of ``epoch`` (from its start) and start its first batches. A failure is
-        left for that epoch to meet: the pipeline is built again then, and the error raised there."""
+        """Build the pipeline of ``epoch`` (from its start) and start its first batches, once per epoch.
+        Skipped when a local tar changed since the current pipeline was built; a failure is left for that
+        epoch to meet: the pipeline is built again then, after this one is freed, and the error raised there."""
+        self._ahead = (epoch, None, None)  # tried: not again this epoch
+        if isinstance(self.files, ShardSamples) and self._tar_identities() != self._tars_seen:
+            return
         order = self.files_of(epoch)
         try:
             run = self._scheduled(order, epoch, None, self.steps_per_epoch, self.steps_per_epoch)
@@ -184,6 +206,8 @@ class _DaliLoader(EpochLoader):
             if self.train and self.reader.build_ahead and run.all_scheduled and self._ahead is None:
                 self._build_ahead(epoch + 1)
             yield self._convert(out, k)
+        if self.train:  # the epoch is read: free its pipeline now, not when the next epoch starts
+            self._pipe, self._pipe_epoch = None, None
 
     def _source_of(self, i: int) -> str:
         """The file (or tar) sample ``i`` is read from."""

@@ -78,6 +78,9 @@ def test_exponents_without_a_dot_are_floats(tmp_path):
     (["--reader.loader=pil"], "reader.loader"),
     (["--data.loader=dali"], "reader.loader"),  # moved: the message says where to
     (["--optim=1"], "optim"),
+    (["--data.view1.blur_kernel=22"], "data.view1.blur_kernel"),  # torchvision's blur needs an odd window
+    (["--data.view2.blur_sigma=[0, 2]"], "data.view2.blur_sigma"),  # sigma 0 is no Gaussian
+    (["--data.view2.blur_sigma=[2.0, 1.0]"], "data.view2.blur_sigma"),
 ])
 def test_bad_keys_and_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):

@@ -184,18 +184,51 @@ def test_the_random_draws_resume_too(photos, kind):
 @pytest.mark.parametrize("ahead", [True, False])
 def test_an_epoch_started_early_is_the_epoch_a_fresh_start_gives(photos, kind, ahead):
     """The DALI loaders build the next epoch's pipeline while the last batches of an epoch are still
-    being taken (unless reader.build_ahead is off): its batches are, pixel for pixel, those of a loader
-    that starts at that epoch."""
+    being taken (unless reader.build_ahead is off), and use it: its batches are, pixel for pixel, those
+    of a loader that starts at that epoch. No pipeline computes a batch past its epoch's end, nor is
+    built deeper than the batches it has."""
     recipe = DataConfig(image_size=S)
-    straight = make(kind, photos, Shard(0, 2), views=recipe, reader=dataclasses.replace(READER, build_ahead=ahead))
+    reader = dataclasses.replace(READER, build_ahead=ahead, prefetch=8)  # deeper than an epoch's 4 batches
+    straight = make(kind, photos, Shard(0, 2), views=recipe, reader=reader)
+    assert straight.steps_per_epoch == 4
     batches_of(straight)
-    assert (straight._ahead is not None and straight._ahead[0] == 1) == ahead  # epoch 1 built early, or not
-    early = batches_of(straight)
-    fresh = make(kind, photos, Shard(0, 2), views=recipe)
+    early = straight._ahead[1] if straight._ahead else None
+    assert (early is not None and straight._ahead[0] == 1) == ahead  # epoch 1 built early, or not
+    epoch1, runs = [], []
+    for b in straight:
+        epoch1.append(tuple(t.clone() for t in b))
+        runs.append(straight._pipe)
+        assert straight._pipe.pipe.prefetch_queue_depth == 4  # min(prefetch, batches of the epoch)
+        assert straight._pipe.scheduled <= straight.steps_per_epoch
+    assert all(r is runs[0] for r in runs) and (runs[0] is early) == ahead  # the early pipeline read epoch 1
+    assert runs[0].pipe._batches_to_consume == 0  # DALI's count of batches run and not yet taken
+    fresh = make(kind, photos, Shard(0, 2), views=recipe, reader=reader)
     fresh.load_state_dict({"epoch": 1, "step": 0})
     again = batches_of(fresh)
-    assert len(early) == len(again) == straight.steps_per_epoch
-    assert all(torch.equal(x, y) for a, b in zip(early, again) for x, y in zip(a, b))
+    assert len(epoch1) == len(again) == straight.steps_per_epoch
+    assert all(torch.equal(x, y) for a, b in zip(epoch1, again) for x, y in zip(a, b))
+
+
+def test_a_tar_deleted_mid_epoch_is_reported_when_the_next_epoch_starts(photos, tmp_path):
+    """DALI lets a new pipeline share the mapping of a tar a live pipeline still has open: a pipeline
+    built ahead must not keep reading a tar deleted since (it is built after the old one is freed)."""
+    import shutil
+
+    from byol_fast.shard_set import open_shard_set
+    from pipelines.contract import ReadError
+
+    src = Path(packed(photos).samples.tars[0]).parent
+    shutil.copytree(src, tmp_path / "set")
+    shards = open_shard_set(str(tmp_path / "set"))
+    loader = DaliTwoViewLoader(shards.samples, DataConfig(image_size=S), READER, BATCH, "cpu", Shard(0, 1), SEED, CPU)
+    stream = iter(loader)
+    next(stream)
+    victim = shards.samples.tars[1]
+    Path(victim).unlink()
+    list(stream)  # epoch 0 reads on from the tars it opened
+    with pytest.raises(ReadError) as e:
+        next(iter(loader))
+    assert str(e.value).startswith(victim) and "could not be read" in str(e.value)
 
 
 @pytest.mark.parametrize("kind", LOADERS)

@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 
 from byol_fast.config import DataConfig, LinearDataConfig, ViewConfig
 from conftest import IDENTITY, READER, save, smooth_texture
-from pipelines import colour
+from pipelines import colour, pretrain
 from pipelines.contract import Shard, steps_per_epoch
 from pipelines.loader import DaliEvalLoader, DaliTwoViewLoader
 from pipelines.pretrain import build_pretrain_pipeline
@@ -166,23 +166,41 @@ def test_grayscale_copies_the_luma_to_three_channels(images):
     np.testing.assert_allclose(out, np.broadcast_to(luma[..., None], out.shape), atol=0.5 + 1e-3)
 
 
-@pytest.mark.parametrize("sigma", [0.5, 1.3, 2.0])
+@pytest.mark.parametrize("sigma, kernel", [(0.5, 23), (1.3, 23), (2.0, 23), (2.0, 7)])
 @pytest.mark.parametrize("drawn", [False, True], ids=["fixed", "drawn"])
-def test_blur_matches_torchvision_with_the_whole_window(tmp_path, sigma, drawn):
-    """Against torchvision's blur with the configured 23-px window. The graph cuts each sample's window
-    to 2 ceil(4 sigma) + 1 (pipelines.pretrain.blur_window; computed in the graph when sigma is drawn),
-    which may move a pixel across a rounding tie and no further: a 3-sigma window puts 1.4-6.8% of these
-    pixels a level off, a 2-sigma one up to 5 levels."""
+def test_blur_matches_torchvision_with_the_whole_window(tmp_path, sigma, kernel, drawn):
+    """Against torchvision's blur with the configured window. The graph cuts each sample's window to
+    2 ceil(4 sigma) + 1, at most the configured one (pipelines.pretrain.blur_window; computed in the
+    graph when sigma is drawn), which may move a pixel across a rounding tie and no further: a 3-sigma
+    window puts 1.4-6.8% of these pixels a level off, a 2-sigma one up to 5 levels."""
     rng = np.random.default_rng(3)
     sigmas = (sigma, sigma + 1e-6) if drawn else (sigma, sigma)
     for name, img in (("texture", smooth_texture(rng, 96, 96)), ("noise", rng.integers(0, 256, (96, 96, 3), np.uint8))):
         view1, _ = run_views([save(tmp_path / f"{name}.png", img)],
-                             data_config(only(blur_p=1.0, blur_kernel=23, blur_sigma=sigmas), image_size=96), 1)
-        expected = hwc(TF.gaussian_blur(chw(img), [23, 23], [sigma, sigma])).astype(np.float32)  # reflect borders
+                             data_config(only(blur_p=1.0, blur_kernel=kernel, blur_sigma=sigmas), image_size=96), 1)
+        expected = hwc(TF.gaussian_blur(chw(img), [kernel, kernel], [sigma, sigma])).astype(np.float32)  # reflect
         assert not np.array_equal(expected, img)
         diff = np.abs(denormalise(view1[0]) - expected)
         assert diff.max() <= 1.0 + 1e-3, name
         assert (diff > 0.5).mean() <= 0.005, name
+
+
+def test_the_graph_computes_each_samples_blur_window_by_the_formula():
+    """blur_window_node (the per-sample window of drawn sigmas) against blur_window's 2 ceil(4 sigma) + 1
+    capped at the configured window, sample by sample, over sigmas that cross many whole radii."""
+    from nvidia.dali import fn, pipeline_def
+
+    @pipeline_def(batch_size=256, num_threads=1, device_id=None, seed=7)
+    def windows():
+        sigma = fn.random.uniform(range=(0.05, 4.0))
+        return sigma, pretrain.blur_window_node(sigma, 23), pretrain.blur_window_node(sigma, 7)
+
+    pipe = windows()
+    pipe.build()
+    sigma, w23, w7 = (np.array(out.as_array()) for out in pipe.run())
+    assert len(set(w23.tolist())) > 8  # many windows seen, the cap (23 from sigma > 2.75) among them
+    assert w23.tolist() == [min(23, 2 * math.ceil(4.0 * float(s)) + 1) for s in sigma]
+    assert w7.tolist() == [min(7, 2 * math.ceil(4.0 * float(s)) + 1) for s in sigma]
 
 
 def fitted(out_u8: np.ndarray, candidates, make) -> tuple[float, float]:
