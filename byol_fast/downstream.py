@@ -150,10 +150,10 @@ class ClassifierRun:
                         if len(train) < len(labelled) else ""))
         if val is not None:
             self.log(f"validation: {len(val)} images held out of train/ (not val/); training on {len(train)}")
-            return index.take(train), val
-        val = split_index(self.data.path, "val", self.info, workers)
-        if index.classes != val.classes:
-            raise ConfigError(f"data.path: train/ and val/ of {self.data.path} have different class folders")
+        else:
+            val = split_index(self.data.path, "val", self.info, workers)
+            if index.classes != val.classes:
+                raise ConfigError(f"data.path: train/ and val/ of {self.data.path} have different class folders")
         return index.take(train), val
 
     def _build_data(self) -> None:

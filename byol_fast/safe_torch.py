@@ -41,6 +41,12 @@ _PLAIN_DTYPES = {d for d in vars(torch).values() if isinstance(d, torch.dtype)
     torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32, torch.uint64}
 
 
+def _sized(obj) -> bool:
+    """Whether ``obj`` is one of the tensor or storage classes (checked as a type before it is hashed:
+    a file's object may be unhashable, or costly to hash)."""
+    return isinstance(obj, type) and obj in _SIZED
+
+
 class _Read:
     """What one read has seen: the file's size, the storages its pickle asked for, the last pickle
     read by ``load`` (the legacy format's list of stored keys)."""
@@ -121,7 +127,7 @@ _REBUILDS["_rebuild_meta_tensor_no_storage"] = torch._utils._rebuild_meta_tensor
 def _rebuild_from_type_v2(func, new_type, args, state):
     """A tensor with attributes, for tensor rebuilds and tensor classes only (torch's own would call
     any allowed callable and set the state on whatever it returns)."""
-    if func not in _REBUILDS.values() or not isinstance(new_type, type) or new_type not in _SIZED:
+    if func not in _REBUILDS.values() or not _sized(new_type):
         raise UnsafeFileError(f"loading it would call {_named(func)} to rebuild a {_named(new_type)}")
     _plain_state(state)
     return torch._tensor._rebuild_from_type_v2(func, new_type, args, state)
@@ -151,7 +157,7 @@ class TorchUnpickler(ArrayUnpickler):
     read_state: _Read
 
     def _refuse_sized(self, cls, args) -> None:
-        if isinstance(cls, type) and cls in _SIZED and args:  # torch.FloatTensor(10**10), UntypedStorage(n): memory of the file's choosing
+        if _sized(cls) and args:  # torch.FloatTensor(10**10), UntypedStorage(n): memory of the file's choosing
             raise UnsafeFileError(f"loading it would call {_named(cls)} with arguments")
 
     def load_reduce(self) -> None:
@@ -174,7 +180,7 @@ class TorchUnpickler(ArrayUnpickler):
         storage_type, key, location, numel = pid[1:5]
         view = pid[5] if len(pid) == 6 else None
         if not (isinstance(storage_type, torch.serialization.StorageType)
-                or (isinstance(storage_type, type) and storage_type in _SIZED)) \
+                or _sized(storage_type)) \
                 or not isinstance(key, str) or not isinstance(location, str) or type(numel) is not int or numel < 0 \
                 or not (view is None or (isinstance(view, tuple) and len(view) == 3 and isinstance(view[0], str)
                                          and all(type(n) is int and n >= 0 for n in view[1:]))):

@@ -9,9 +9,9 @@ Epoch boundaries cost nothing they need not (:class:`_Scheduled`): a pipeline is
 prefetch depth but never past the batches its epoch has (``Pipeline.run`` would compute one more,
 thrown away, and deleting the pipeline waits for it), and once the last batches of an epoch are
 scheduled, the next epoch's pipeline is built and starts on its first batches while the consumer
-still takes the last ones (``reader.build_ahead``). It is the very pipeline the next epoch would otherwise build (same files,
-same seed), so batches do not depend on it; after a run's last epoch it is built for nothing (a build
-and the first batches, once per run).
+still takes the last ones (``reader.build_ahead``). It is the very pipeline the next epoch would
+otherwise build (same files, same seed), so batches do not depend on it; after a run's last epoch it
+is built for nothing (a build and the first batches, once per run).
 
 DALI's outputs reach torch without a copy (DLPack; DALI's dynamic executor keeps an output's memory
 alive while a torch tensor refers to it) and as ``(N, 3, H, W)`` views of NHWC memory, i.e. torch's
@@ -143,7 +143,7 @@ class _DaliLoader(EpochLoader):
             _, self._pipe, order = ahead
             offset = 0
         else:
-            del ahead
+            del ahead  # an early pipeline this epoch cannot use: freed before another is built
             saved = self._saved if self._saved and self._saved[0] == epoch and step > 0 else None
             checkpoint, offset = (saved[1], saved[2]) if saved and saved[1] is not None else (None, step)
             order = self.files_of(epoch)[offset * self.batch_size:]
@@ -172,18 +172,23 @@ class _DaliLoader(EpochLoader):
         pipeline built after the last one is freed opens it afresh and reports it."""
         if not isinstance(self.files, ShardSamples):
             return None
-        try:
-            return {t: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-                    for t in self.files.tars if "://" not in t for st in (os.stat(t),)}
-        except OSError:
-            return None
+        identities = {}
+        for tar in self.files.tars:
+            if "://" in tar:  # object storage: nothing mapped
+                continue
+            try:
+                st = os.stat(tar)
+            except OSError:
+                return None
+            identities[tar] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return identities
 
     def _build_ahead(self, epoch: int) -> None:
         """Build the pipeline of ``epoch`` (from its start) and start its first batches, once per epoch.
         Skipped when a local tar changed since the current pipeline was built; a failure is left for that
         epoch to meet: the pipeline is built again then, after this one is freed, and the error raised there."""
         self._ahead = (epoch, None, None)  # tried: not again this epoch
-        if isinstance(self.files, ShardSamples) and self._tar_identities() != self._tars_seen:
+        if self._tar_identities() != self._tars_seen:  # files: None both
             return
         order = self.files_of(epoch)
         try:

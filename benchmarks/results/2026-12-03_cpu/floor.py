@@ -3,6 +3,9 @@ must do alike (decode each JPEG once, two antialiased bicubic random resized cro
 whole graph, both loaders' way, interleaved in one process (benchmarks/RESULTS.md, "CPU, 2026-12-03").
 
     python benchmarks/results/2026-12-03_cpu/floor.py [--size 64] [--threads 2]
+    python benchmarks/results/2026-12-03_cpu/floor.py --profile 22 &   # the whole graph, for a profiler:
+    sleep 5; perf record -e cpu-clock -F 999 -p $! -o perf.data -- sleep 12
+    perf report -i perf.data --no-children --sort dso,symbol
 
 DALI: pipelines with 2 threads (prefetch 2, as the benchmark's loader), batches of 32: decode only,
 decode + the two crops, and the whole graph (pipelines.pretrain.two_view_graph). PIL: one process,
@@ -18,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 from nvidia.dali import fn, pipeline_def  # noqa: E402
@@ -28,13 +31,15 @@ from byol_fast.config import load_config  # noqa: E402
 from pipelines import pretrain  # noqa: E402
 from pipelines.decode import INTERP, decode, read  # noqa: E402
 from pipelines.reference import TwoViewTransform, view_transform  # noqa: E402
+from throughput import blur_kernel_for  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--size", type=int, default=64)
 p.add_argument("--threads", type=int, default=2)
 p.add_argument("--rounds", type=int, default=5)
+p.add_argument("--profile", type=float, metavar="SECONDS", help="only run the whole graph this long")
 args = p.parse_args()
-kernel = 23 if args.size == 224 else max(3, round(args.size / 10) | 1)  # as benchmarks/throughput.py
+kernel = blur_kernel_for(args.size)  # the benchmark's blur window for this view size
 files = sorted(glob.glob(str(ROOT / "bench_data/imagenet_like_n1000_s0_v1/train/*/*.JPEG")))
 if not files:
     sys.exit("no bench_data: run python benchmarks/throughput.py once to make it")
@@ -55,6 +60,8 @@ graphs = {
     "decode + 2 crops": lambda j: (lambda img: (crop(img, data.view1), crop(img, data.view2)))(decode(j, reader, "cpu")),
     "whole graph": lambda j: pretrain.two_view_graph(j, data, reader, "cpu"),
 }
+if args.profile:  # the whole graph alone, steadily, for a profiler attached from outside
+    graphs = {"whole graph": graphs["whole graph"]}
 pipes = {}
 for name, graph in graphs.items():
     @pipeline_def(enable_conditionals=True)
@@ -64,6 +71,11 @@ for name, graph in graphs.items():
     pipes[name].build()
     for _ in range(3):
         pipes[name].run()
+if args.profile:
+    start = time.time()
+    while time.time() - start < args.profile:
+        pipes["whole graph"].run()
+    sys.exit()
 
 sample = files[:64]
 c1 = view_transform(data.view1, data).transforms[0]
