@@ -13,11 +13,12 @@ DEMO := data/demo
 GPUS_HERE := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 GPUS ?= $(GPUS_HERE)
 
-.PHONY: install test test-gpu pretrain demo-data index shards linear-eval finetune benchmark clean help
+.PHONY: install test test-fast test-gpu pretrain demo-data index shards linear-eval finetune benchmark clean help
 
 help:
 	@echo "make install                  create $(VENV) with the pinned dependencies"
 	@echo "make test                     run the test suite (CPU)"
+	@echo "make test-fast                the suite without the tests marked slow (a quick lane while you work)"
 	@echo "make pretrain                 pretrain on the generated demo dataset (config/demo.yaml)"
 	@echo "make pretrain CONFIG=config/byol_r50_in1k_300ep.yaml DATA=/imagenet GPUS=8"
 	@echo "make index DATA=/imagenet     check every image of DATA/train and DATA/val once, write the index"
@@ -40,6 +41,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 test: install
 	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu

@@ -2,7 +2,7 @@
 
     python benchmarks/checkpoint_pause.py [--repeats 5] [--dir DIR] [--json PATH]
 
-The state is the real one of a BYOL ResNet-50 pretraining run, built by byol_fast.learner.Learner
+The state is the real one of a BYOL ResNet-50 pretraining run, built by byol_fast.pretrain.learner.Learner
 (online and target ResNet-50 with their 2048-4096-256 projectors, the 256-4096-256 predictor, a LARS
 momentum buffer per trainable parameter, after one step on a tiny batch) plus what
 byol_fast.train saves beside it (step, RNG states, config): about 410 MB of float32 in ~830 tensors.
@@ -39,21 +39,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from byol_fast import checkpoint as ckpt  # noqa: E402
+from byol_fast.weights import checkpoint as ckpt  # noqa: E402
+from byol_fast.runtime.process import git_revision  # noqa: E402
 
 
 def byol_resnet50_state() -> dict:
     """A pretraining checkpoint's state for BYOL ResNet-50 on the CPU, as byol_fast.train builds it."""
-    from byol_fast import dist
+    from byol_fast.runtime import dist
     from byol_fast.config import Config, to_dict
-    from byol_fast.learner import Learner
+    from byol_fast.pretrain.learner import Learner
 
     cfg = Config(device="cpu")
     learner = Learner(cfg, torch.device("cpu"), dist.DistInfo())
     views = torch.randn(2, 3, 64, 64)
     learner.step([(views, views.flip(3))], lr=0.1, tau=0.99)  # creates the momentum buffers
     return {"step": 1, **learner.state_dict(), "rng": ckpt.rng_state(), "loader": [{"epoch": 0, "step": 1}],
-            "config": to_dict(cfg), "git": ckpt.git_revision(), "world_size": 1}
+            "config": to_dict(cfg), "git": git_revision(), "world_size": 1}
 
 
 def state_bytes(obj) -> tuple[int, int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 TARGET_E2E = 2000.0  # img/s, BYOL ResNet-50 224 px end to end
 TARGET_E2E_VS_STEP = 0.97  # end to end / the same step alone: the loader costs the step < 3%
 TARGET_DATA_WAIT = 0.03  # share of step time waiting for data
-TARGET_8XV100 = 3121.0  # byol_fast/REFERENCE.md section 2 (throughput.json carries it too)
+TARGET_8XV100 = 3121.0  # docs/reference.md section 2 (throughput.json carries it too)
 MEASUREMENT_OPTIONS = ("timeout", "windows", "window_seconds", "warmup")  # how, not what: left out of names
 
 

@@ -2,7 +2,7 @@
 
 A loader benchmark is only as honest as its files. White noise compresses badly and decodes
 slowly; flat colours compress to nothing and decode fast; neither costs what a photo costs. These
-images mimic ImageNet's training set where it matters to a loader (byol_fast/REFERENCE.md section 2):
+images mimic ImageNet's training set where it matters to a loader (docs/reference.md section 2):
 
 - size: about 400 x 350 pixels on average, mostly landscape 4:3 and 3:2 with a long side of 500
   (as ImageNet's Flickr images are), some portrait, some smaller, a few larger;

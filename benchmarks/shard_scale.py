@@ -4,7 +4,7 @@
 Builds the sample table of 1,281,167 samples in 140 shards (synthetic offsets, nothing on disk), then
 times, per epoch of one rank at 1, 8 and 32 ranks, ``pipelines.contract.shard_order`` (which samples
 the rank reads) and ``ShardSamples.reader_list`` (writing its index files for DALI's reader), and the
-parse of 140 index files of 9,151 samples (``byol_fast.shard_set.parse_index``, done once when a run
+parse of 140 index files of 9,151 samples (``byol_fast.datasets.shard_set.parse_index``, done once when a run
 opens the set).
 """
 import sys
@@ -16,7 +16,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from byol_fast.shard_set import parse_index  # noqa: E402
+from byol_fast.datasets.shard_set import parse_index  # noqa: E402
 from pipelines.contract import Shard, shard_order  # noqa: E402
 from pipelines.shards import ShardSamples  # noqa: E402
 

@@ -6,25 +6,25 @@ What it measures, in one process, side by side on the same files and the same co
 1. ``dali``, ``torchvision``: the two-view data pipeline alone (decode once, two augmented views):
    byol_fast's DALI pipeline, and the torchvision/PIL DataLoader doing the same recipe with as many
    worker processes as DALI has threads (the way peer projects load data). Every loader is built by
-   :mod:`byol_fast.loaders`, as the drivers build theirs, from the config's ``reader`` section.
+   :mod:`byol_fast.datasets.loaders`, as the drivers build theirs, from the config's ``reader`` section.
    Batches are taken where each loader delivers them (the GPU for DALI with ``--decode gpu``, host
    memory for the DataLoader).
 2. ``shards``: the same images read as a shard set through the same DALI two-view pipeline, so that
    files and shards are compared side by side (``vs_files``: its img/s over the ``dali`` stage's with
    the same reader settings and batch, measured in the same run). The benchmark's index is packed by
-   :func:`byol_fast.shards.pack` into ``<bench-data>/scratch`` once per run (a later variant of the
+   :func:`byol_fast.datasets.shard_pack.pack` into ``<bench-data>/scratch`` once per run (a later variant of the
    same ``shard_size`` reads it again; removed at the end) and opened by
-   :func:`byol_fast.shard_set.open_shard_set`; the stage records the packing speed (``pack_mb_per_s``,
+   :func:`byol_fast.datasets.shard_set.open_shard_set`; the stage records the packing speed (``pack_mb_per_s``,
    the source files read from the page cache, each shard fsynced), the shards and their sizes; its
    peak memory leaves the packing out (``pack_host_peak_rss_gb``). Shard size:
    ``shard_size=`` (e.g. ``shards:shard_size=64MB``), by default the data in about 8 shards.
 3. ``model``: the BYOL training step alone on synthetic device tensors, through
-   :class:`byol_fast.learner.Learner` (the code ``byol_fast.train`` runs): both views, online
+   :class:`byol_fast.pretrain.learner.Learner` (the code ``byol_fast.train`` runs): both views, online
    forward/backward, target forward, LARS, EMA.
 4. ``e2e-dali``, ``e2e-torchvision``: loader -> device -> training step, and the fraction of the
    time the training step waits for data.
 5. ``linear``, ``e2e-linear`` (``--linear``): linear evaluation's step
-   (:class:`byol_fast.classifier.LinearClassifier`: frozen encoder forward, linear layer
+   (:class:`byol_fast.evaluation.classifier.LinearClassifier`: frozen encoder forward, linear layer
    forward/backward, SGD) on synthetic device tensors, and fed by linear evaluation's training
    loader (DALI: random resized crop + flip).
 6. ``checkpoint``: the training-loop pause of a checkpoint on the BYOL learner's state, measured by
@@ -35,7 +35,7 @@ Method: each stage runs warm-up steps (pipeline build, worker start, cuDNN/compi
 times ``--windows`` windows of a fixed number of steps, chosen from a calibration so a window
 lasts about ``--window-seconds``; on a GPU each window ends with ``torch.cuda.synchronize()``.
 A figure is the median over the windows, with their min and max. One image is one source image
-(both of its views), the unit of the 8x V100 target (byol_fast/REFERENCE.md section 2).
+(both of its views), the unit of the 8x V100 target (docs/reference.md section 2).
 
 Data wait (``data_wait_fraction`` of each end-to-end stage): on a GPU, CUDA events bracket each
 training step on its stream; the wait fraction is ``1 - (sum of step spans) / window time``, the
@@ -97,20 +97,20 @@ for p in (str(ROOT), str(HERE)):
 
 import torch  # noqa: E402
 
-from byol_fast.classifier import LinearClassifier  # noqa: E402
-from byol_fast.config import (ConfigError, LinearConfig, LinearDataConfig, load_config, merge,  # noqa: E402
-                              parse_overrides, to_dict)
-from byol_fast.dist import DistInfo  # noqa: E402
-from byol_fast.index import load_index  # noqa: E402
-from byol_fast.learner import Learner  # noqa: E402
-from byol_fast.loaders import eval_loader, two_view_loader  # noqa: E402
-from byol_fast.model import build_encoder  # noqa: E402
-from byol_fast.runtime import resolve_device, resolve_precision, to_device  # noqa: E402
-from byol_fast.schedules import scaled_lr  # noqa: E402
-from byol_fast.shard_set import open_shard_set  # noqa: E402
-from byol_fast.shards import pack, parse_size  # noqa: E402
+from byol_fast.evaluation.classifier import LinearClassifier  # noqa: E402
+from byol_fast.errors import ConfigError
+from byol_fast.config import LinearConfig, LinearDataConfig, load_config, merge, parse_overrides, to_dict
+from byol_fast.runtime.dist import DistInfo  # noqa: E402
+from byol_fast.datasets.index import load_index  # noqa: E402
+from byol_fast.pretrain.learner import Learner  # noqa: E402
+from byol_fast.datasets.loaders import eval_loader, two_view_loader  # noqa: E402
+from byol_fast.models.resnet import build_encoder  # noqa: E402
+from byol_fast.runtime.device import resolve_device, resolve_precision, to_device  # noqa: E402
+from byol_fast.optim.schedules import scaled_lr  # noqa: E402
+from byol_fast.datasets.shard_set import open_shard_set  # noqa: E402
+from byol_fast.datasets.shard_pack import pack, parse_size  # noqa: E402
 
-# byol_fast/REFERENCE.md section 2: BYOL ResNet-50 224 px on 8x V100 with AMP (compute bound), and the
+# docs/reference.md section 2: BYOL ResNet-50 224 px on 8x V100 with AMP (compute bound), and the
 # linear-evaluation figure DeepSparkHub reports for its mmpretrain-based BYOL recipe on 8 GPUs.
 TARGET_BYOL_8XV100 = 3121.0
 TARGET_LINEAR_8GPU = 5408.0
@@ -381,7 +381,7 @@ def environment(device: torch.device) -> dict:
     except ImportError as e:
         env["dali"] = f"not importable: {e}"
     try:
-        from byol_fast.checkpoint import git_revision
+        from byol_fast.runtime.process import git_revision
 
         env["git"] = git_revision()
     except Exception:  # noqa: BLE001  the revision is a label, never a reason to stop
@@ -614,7 +614,7 @@ def reader_for(kind: str, cfg):
 
 
 def pretrain_loader(kind: str, dataset, cfg, device: torch.device):
-    """The two-view loader byol_fast.train builds (byol_fast.loaders), for a world of one, over
+    """The two-view loader byol_fast.train builds (byol_fast.datasets.loaders), for a world of one, over
     ``dataset``: the benchmark's index (its files) or a shard set."""
     return two_view_loader(dataset, cfg.data, reader_for(kind, cfg), cfg.optim.batch_size, DistInfo(), device,
                            cfg.seed)
@@ -676,9 +676,9 @@ def default_shard_bytes(index) -> int:
 
 
 def packed_shards(data: dict, cfg, s: dict, shard_bytes: int) -> tuple[object, dict]:
-    """The benchmark's index as a shard set of ``shard_bytes`` shards (byol_fast.shards.pack), packed
+    """The benchmark's index as a shard set of ``shard_bytes`` shards (byol_fast.datasets.shard_pack.pack), packed
     once per run in a new folder under the scratch folder and opened (and checked) by
-    byol_fast.shard_set; a later stage asking for the same size gets the same set. Returns the set and
+    byol_fast.datasets.shard_set; a later stage asking for the same size gets the same set. Returns the set and
     what packing it measured (``packed_here``: False for a later stage reading a set packed before)."""
     sets = data.setdefault("shard_sets", {})
     fresh = shard_bytes not in sets
@@ -836,7 +836,7 @@ def stage_e2e(kind: str, data, cfg, device, s, key, best: str | None = None) -> 
 
 
 def new_classifier(cfg, device, num_classes: int):
-    """Linear evaluation's classifier (byol_fast.classifier) on a fresh encoder of the config's backbone,
+    """Linear evaluation's classifier (byol_fast.evaluation.classifier) on a fresh encoder of the config's backbone,
     and linear evaluation's peak learning rate for this batch (the cost does not depend on it)."""
     torch.manual_seed(cfg.seed)
     encoder, width = build_encoder(cfg.model.backbone)
@@ -855,7 +855,7 @@ def stage_linear(data, cfg, device, s) -> dict:
 
 
 def stage_e2e_linear(data, cfg, device, s) -> dict:
-    """Linear evaluation's training loader (byol_fast.loaders.eval_loader, DALI: random resized crop + flip),
+    """Linear evaluation's training loader (byol_fast.datasets.loaders.eval_loader, DALI: random resized crop + flip),
     with the config's reader section, -> the classifier's step."""
     index = data["index"]
     if not index.labelled:  # a flat folder: labels do not change the cost
@@ -892,7 +892,7 @@ def _state_bytes(state) -> int:
 
 
 def stage_checkpoint(data, cfg, device, s) -> dict:
-    """The pause a checkpoint costs the training loop, on the BYOL learner's state (byol_fast.learner:
+    """The pause a checkpoint costs the training loop, on the BYOL learner's state (byol_fast.pretrain.learner:
     online and target networks, predictor, LARS, scaler) at the config's backbone, measured by
     ``benchmarks/checkpoint_pause.py`` (``measure(state, directory, repeats) -> dict``; its keys are
     recorded as they come). Imported here, not at the top: the other stages must run without it."""
@@ -1069,7 +1069,7 @@ def run_stage(key: str, run: dict, device) -> dict:
 
 
 def benchmark_data(args, s: dict, cfg) -> tuple[object, dict]:
-    """The checked index (byol_fast.index) of the files every loader reads, and a description of them."""
+    """The checked index (byol_fast.datasets.index) of the files every loader reads, and a description of them."""
     if args.data:
         index = load_index(args.data, workers=cfg.reader.index_workers)
         return index, {"source": str(Path(args.data).absolute()), "num_images": len(index.files)}

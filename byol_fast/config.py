@@ -2,7 +2,7 @@
 
 A run's configuration is built in three layers, later ones winning:
 
-1. the dataclass defaults below (the paper's values, byol_fast/REFERENCE.md section 1),
+1. the dataclass defaults below (the paper's values, docs/reference.md section 1),
 2. a YAML recipe (``config/*.yaml``), a nested mapping of sections,
 3. command-line overrides ``--section.key=value`` (values parsed as YAML scalars).
 
@@ -24,11 +24,8 @@ from typing import Any
 
 import yaml
 
-from .constants import IMAGENET_MEAN, IMAGENET_STD
-
-
-class ConfigError(ValueError):
-    """A bad configuration file, key or value; the message names which."""
+from byol_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from byol_fast.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -89,7 +86,7 @@ class ModelConfig:
     projector_hidden: int = 4096
     projector_out: int = 256
     predictor_hidden: int = 4096
-    # instance (BYOL's loss on pooled vectors) | pixpro (PixPro's on pixels, byol_fast/pixpro.py) | instance+pixpro
+    # instance (BYOL's loss on pooled vectors) | pixpro (PixPro's on pixels, byol_fast/models/pixpro.py) | instance+pixpro
     loss: str = "instance"
     instance_weight: float = 1.0  # the weights of the two losses in instance+pixpro
     pixpro_weight: float = 1.0
@@ -209,7 +206,7 @@ class FinetuneConfig(LinearConfig):
 
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-BACKBONES = (*TORCHVISION_BACKBONES, "tiny_resnet")  # tiny_resnet: the CPU demo's (byol_fast.model.TinyResNet)
+BACKBONES = (*TORCHVISION_BACKBONES, "tiny_resnet")  # tiny_resnet: the CPU demo's (byol_fast.models.resnet.TinyResNet)
 
 # The one table of choices: a field of this name, in any section of any schema, takes one of these
 # (or stays empty where its default is empty: "not set", e.g. linear evaluation's backbone).

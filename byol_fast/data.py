@@ -12,19 +12,19 @@ Command line::
 index and a report of the files left out, and prints a summary. ``demo`` writes the synthetic demo
 dataset (an ImageFolder of JPEGs with train/ and val/) unless it is already there. ``shards`` packs
 an image folder (indexed first, or its index reused) or an index file into tar shards
-(byol_fast.shards); a root holding train/ and val/ becomes OUT/train and OUT/val. ``verify`` reads
+(byol_fast.datasets.shard_pack); a root holding train/ and val/ becomes OUT/train and OUT/val. ``verify`` reads
 every byte of a shard set (a folder or ``s3://bucket/prefix``; both splits of a root holding train/
-and val/) against its manifest (byol_fast.shard_set.verify). ``demo-seg`` writes the dense demo
-(texture regions and their masks, byol_fast.demo_segmentation) for ``python -m byol_fast.dense_probe``. Mistakes exit 2 with a one-line error.
+and val/) against its manifest (byol_fast.datasets.shard_set.verify). ``demo-seg`` writes the dense demo
+(texture regions and their masks, byol_fast.datasets.demo_segmentation) for ``python -m byol_fast.dense_probe``. Mistakes exit 2 with a one-line error.
 
 The code lives in the modules; import from them, not from here:
 
-- byol_fast.index: DatasetError, Index, build_index, load_index, checked_index (the dataset index,
-  its layouts and cache; byol_fast.index_file: the saved index file and its report).
-- byol_fast.image_check: check_image (one file) and check_all (many, in parallel).
-- byol_fast.demo_data: make_demo_dataset, ensure_demo_dataset, demo_image.
-- byol_fast.shards: pack (an index into tar shards with DALI's index files and a manifest).
-- byol_fast.shard_set: open_shard_set (opened and checked for reading), verify.
+- byol_fast.datasets.index: DatasetError, Index, build_index, load_index, checked_index (the dataset index,
+  its layouts and cache; byol_fast.datasets.index_file: the saved index file and its report).
+- byol_fast.datasets.image_check: check_image (one file) and check_all (many, in parallel).
+- byol_fast.datasets.demo: make_demo_dataset, ensure_demo_dataset, demo_image.
+- byol_fast.datasets.shard_pack: pack (an index into tar shards with DALI's index files and a manifest).
+- byol_fast.datasets.shard_set: open_shard_set (opened and checked for reading), verify.
 """
 from __future__ import annotations
 
@@ -33,13 +33,14 @@ import os
 import sys
 from pathlib import Path
 
-from .demo_data import DEMO_DEFAULTS, ensure_demo_dataset
-from .demo_segmentation import SEG_DEFAULTS, make_segmentation_demo
-from .image_check import MAX_PIXELS
-from .index import DatasetError, build_index, load_index
-from . import object_store as store
-from .shard_set import is_shard_set, verify
-from .shards import pack, parse_size
+from byol_fast.datasets import object_store as store
+from byol_fast.datasets.demo import DEMO_DEFAULTS, ensure_demo_dataset
+from byol_fast.datasets.demo_segmentation import SEG_DEFAULTS, make_segmentation_demo
+from byol_fast.datasets.image_check import MAX_PIXELS
+from byol_fast.datasets.index import build_index, load_index
+from byol_fast.datasets.shard_pack import pack, parse_size
+from byol_fast.datasets.shard_set import is_shard_set, verify
+from byol_fast.errors import DatasetError
 
 SPLITS = ("train", "val")
 

@@ -5,7 +5,7 @@
 
 ``--data`` is a dense demo dataset (``python -m byol_fast.data demo-seg OUT``: train/ and val/ with
 images/ and masks/). Images are resized to ``--image-size`` and normalised the way the checkpoint's
-encoder was trained; the probe (byol_fast.segmentation) trains on train/ and reports mean IoU, pixel
+encoder was trained; the probe (byol_fast.evaluation.dense) trains on train/ and reports mean IoU, pixel
 accuracy and per-class IoU on val/, at the masks' resolution.
 """
 from __future__ import annotations
@@ -16,13 +16,14 @@ import sys
 
 import torch
 
-from .config import ConfigError
-from .constants import IMAGENET_MEAN, IMAGENET_STD
-from .demo_segmentation import read_split
-from .features import build_frozen_encoder, freeze, read_encoder_weights
-from .model import build_encoder
-from .runtime import run_cli
-from .segmentation import encode, evaluate, train_probe
+from byol_fast.constants import IMAGENET_MEAN, IMAGENET_STD
+from byol_fast.datasets.demo_segmentation import read_split
+from byol_fast.errors import ConfigError
+from byol_fast.evaluation.dense import encode, evaluate, train_probe
+from byol_fast.models.feature_extractor import freeze
+from byol_fast.models.resnet import build_encoder
+from byol_fast.runtime.cli import run_cli
+from byol_fast.weights.encoder_file import build_frozen_encoder, read_encoder_weights
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,7 @@ gives the pretrained network with a fresh classifier; it expects ImageNet-normal
 The three programs (ONNX, torch.export, TorchScript) normalise their input themselves: RGB images
 float32 (N, 3, H, W) in [0, 1] -> pooled features (N, width). None needs byol_fast to run. The demo's
 ``tiny_resnet`` is not a torchvision model: its state_dict (torchvision's names) loads through
-``byol_fast.features.load_encoder``; its programs run anywhere.
+``byol_fast.weights.encoder_file.load_encoder``; its programs run anywhere.
 """
 from __future__ import annotations
 
@@ -35,10 +35,16 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, save_encoder, save_encoder_safetensors
-from .config import TORCHVISION_BACKBONES
-from .features import EncoderWeights, FeatureExtractor, build_frozen_encoder, read_encoder_weights
-from .runtime import run_cli
+from byol_fast.config import TORCHVISION_BACKBONES
+from byol_fast.errors import CheckpointError
+from byol_fast.models.feature_extractor import FeatureExtractor
+from byol_fast.runtime.cli import run_cli
+from byol_fast.weights.checkpoint import save_encoder, save_encoder_safetensors
+from byol_fast.weights.encoder_file import (
+    EncoderWeights,
+    build_frozen_encoder,
+    read_encoder_weights,
+)
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch_export": ".pt2", "torchscript": ".torchscript.pt"}
 CHECK_TOLERANCE = 1e-3  # largest |ONNX Runtime - PyTorch| feature difference, relative to the largest feature
@@ -52,7 +58,7 @@ def artifact_path(out: str | Path, fmt: str) -> Path:
 
 def export_encoder(weights: EncoderWeights, source: str | Path, out: str | Path, formats=(),
                    opset: int = 18, sample_size: int = 64) -> list[Path]:
-    """Write the encoder ``weights`` (read by byol_fast.features.read_encoder_weights from ``source``)
+    """Write the encoder ``weights`` (read by byol_fast.weights.encoder_file.read_encoder_weights from ``source``)
     to ``out`` and to each of ``formats`` (keys of FORMATS); return the paths written.
 
     The state_dict passes through the encoder network first (strict load: torchvision's own ResNet
@@ -145,13 +151,13 @@ def _export(args: argparse.Namespace) -> int:
     if weights.padding == "same":
         print(f"wrote {written[0]}: {weights.backbone} state_dict of a SAME-padding network (converted from "
               f"TensorFlow/Haiku): torchvision.models.{weights.backbone}() would load it but pad otherwise; "
-              f"load it with byol_fast.features.load_encoder, or use the exported programs; input {norm}")
+              f"load it with byol_fast.weights.encoder_file.load_encoder, or use the exported programs; input {norm}")
     elif weights.backbone in TORCHVISION_BACKBONES:
         print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
               f"(load with strict=False; input {norm})")
     else:
         print(f"wrote {written[0]}: {weights.backbone} state_dict (torchvision has no such model: load it "
-              f"with byol_fast.features.load_encoder; input {norm})")
+              f"with byol_fast.weights.encoder_file.load_encoder; input {norm})")
     what = {"safetensors": "the same state_dict as safetensors", "onnx": "ONNX, checked with ONNX Runtime",
             "torch_export": "torch.export program", "torchscript": "TorchScript"}
     for fmt, path in zip(formats, written[1:]):

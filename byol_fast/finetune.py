@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import sys
 
-from .config import FinetuneConfig
-from .downstream import run_command
+from byol_fast.config import FinetuneConfig
+from byol_fast.evaluation.run import run_command
 
 
 def main(argv: list[str] | None = None) -> int:

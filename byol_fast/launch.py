@@ -26,7 +26,6 @@ import shlex
 import subprocess
 import sys
 
-
 ENTRIES = ("train", "linear_eval", "finetune")
 WHAT = {"train": "pretraining", "linear_eval": "linear evaluation", "finetune": "fine-tuning"}
 

@@ -3,7 +3,7 @@
 ``python -m byol_fast.linear_eval --checkpoint RUN/last.pt --data DATA [--init random] [--config C] [--key=value ...]``
 
 DATA holds ``train/`` and ``val/`` ImageFolder trees with the same class folders. The protocol is the
-one behind the published top-1 (byol_fast/REFERENCE.md section 1, BYOL Appendix C.1):
+one behind the published top-1 (docs/reference.md section 1, BYOL Appendix C.1):
 
 - the encoder is frozen: eval mode (batch norm uses its running statistics), no gradients;
 - a linear layer on its pooled features (2048-d for ResNet-50), initialised N(0, 0.01), bias 0;
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import sys
 
-from .config import LinearConfig
-from .downstream import run_command
+from byol_fast.config import LinearConfig
+from byol_fast.evaluation.run import run_command
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ Each image goes through the evaluation's validation preprocessing (shorter side 
 the encoder's normalisation), the frozen encoder and the linear head; the scores are softmax
 probabilities. In Python, the same::
 
-    from byol_fast.classifier import ImageClassifier
+    from byol_fast.evaluation.classifier import ImageClassifier
     clf = ImageClassifier.from_checkpoint("runs/demo/linear/last.pt")
     clf.predict(["a.jpg", "b.jpg"], topk=3)   # [{"pred_class": ..., "pred_score": ..., "topk": [...]}, ...]
 """
@@ -16,10 +16,11 @@ import argparse
 import json
 import sys
 
-from .classifier import ImageClassifier
-from .image_check import check_image
-from .index import DatasetError
-from .runtime import resolve_device, run_cli
+from byol_fast.datasets.image_check import check_image
+from byol_fast.errors import DatasetError
+from byol_fast.evaluation.classifier import ImageClassifier
+from byol_fast.runtime.cli import run_cli
+from byol_fast.runtime.device import resolve_device
 
 BATCH = 64  # images per forward pass
 

@@ -16,18 +16,22 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from . import checkpoint as ckpt
-from . import dist
-from .config import Config, ConfigError, LinearDataConfig, load_config, to_dict, to_yaml
-from . import object_store as store
-from .shard_set import checked_dataset
-from .learner import Learner
-from .loaders import eval_loader, two_view_loader
-from .metrics import Window, Writer, collapse_stats, format_duration, pair_retrieval
-from .monitors import KnnMonitor, OnlineProbe
-from .runtime import (PREEMPTED_EXIT, DivergedError, Process, SaveSchedule, per_process_batch, run_cli,
-                      to_device)
-from .schedules import lr_at, scaled_lr, tau_at
+from byol_fast.config import Config, LinearDataConfig, load_config, to_dict, to_yaml
+from byol_fast.datasets import object_store as store
+from byol_fast.datasets.loaders import eval_loader, two_view_loader
+from byol_fast.datasets.open_dataset import checked_dataset
+from byol_fast.errors import ConfigError, DivergedError
+from byol_fast.optim.schedules import lr_at, scaled_lr, tau_at
+from byol_fast.pretrain.health import collapse_stats, pair_retrieval
+from byol_fast.pretrain.learner import Learner
+from byol_fast.pretrain.monitors import KnnMonitor, OnlineProbe
+from byol_fast.runtime import dist
+from byol_fast.runtime.cli import run_cli
+from byol_fast.runtime.device import per_process_batch, to_device
+from byol_fast.runtime.process import PREEMPTED_EXIT, Process, SaveSchedule, git_revision
+from byol_fast.runtime.progress import Window, format_duration
+from byol_fast.runtime.tensorboard import Writer
+from byol_fast.weights import checkpoint as ckpt
 
 
 def knn_monitor(cfg: Config, bank, info, device: torch.device, batch: int) -> KnnMonitor | None:
@@ -105,7 +109,7 @@ class Run:
 
     def state(self) -> dict:
         state = {"step": self.step, **self.learner.state_dict(), "rng": ckpt.rng_state(),
-                 "loader": self._loader_states(), "config": to_dict(self.cfg), "git": ckpt.git_revision(),
+                 "loader": self._loader_states(), "config": to_dict(self.cfg), "git": git_revision(),
                  "world_size": self.info.world_size}
         if self.probe:
             state["probe"] = self.probe.state_dict()

@@ -1,7 +1,7 @@
 """The loader contract: what every byol_fast loader promises, and which files rank r reads in epoch e.
 
 The DALI two-view and evaluation loaders (``pipelines.loader``), their PIL/torchvision references
-(``pipelines.reference``) and linear evaluation's cached features (``byol_fast.classifier``) implement
+(``pipelines.reference``) and linear evaluation's cached features (``byol_fast.evaluation.classifier``) implement
 it; each is an :class:`EpochLoader`:
 
 - ``steps_per_epoch``: batches per epoch, the same on every rank (collectives such as DDP and
@@ -36,11 +36,6 @@ from typing import Iterator, Protocol
 
 import numpy as np
 import torch
-
-
-class ReadError(RuntimeError):
-    """A batch that could not be read or decoded: the message names the files (or tar shards) it came
-    from, in one line (a loader raises it in place of the reader's own trace)."""
 
 
 @dataclass(frozen=True)

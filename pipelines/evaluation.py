@@ -2,7 +2,7 @@
 
 train: random resized crop (area ``crop_area``, aspect 3/4-4/3) to ``image_size`` + horizontal flip;
 val: shorter side resized to ``resize`` (256), center crop ``image_size`` (224); the protocol behind
-the published top-1 (byol_fast/REFERENCE.md section 1). Both normalised with ``mean``/``std`` (on
+the published top-1 (docs/reference.md section 1). Both normalised with ``mean``/``std`` (on
 [0, 1] pixels), float32 HWC in DALI, (N, 3, H, W) channels_last views in torch. Same ``device``
 switch as pretraining: "cpu" (everything on the CPU) or "gpu" (nvJPEG + GPU ops).
 

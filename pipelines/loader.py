@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from byol_fast.config import DataConfig, LinearDataConfig, ReaderConfig
-from pipelines.contract import EpochLoader, ReadError, Shard, pipeline_seed, shard_order
+from byol_fast.errors import ReadError
+from pipelines.contract import EpochLoader, Shard, pipeline_seed, shard_order
 from pipelines.shards import ShardSamples
 
 
@@ -280,6 +281,8 @@ class DaliTwoViewLoader(_DaliLoader):
         self.data, self.reader, self.windows = data, reader, windows
 
     def _build(self, order, seed, checkpoint, steps, depth):
+        # Deferred for start-up time: this module is imported by every command, DALI only by a run
+        # that builds a pipeline.
         from pipelines.pretrain import build_pretrain_pipeline
 
         reader = dataclasses.replace(self.reader, prefetch=depth)
@@ -313,6 +316,8 @@ class DaliEvalLoader(_DaliLoader):
         self._real = len(self.files_of(0))  # files of this rank before padding (evaluation)
 
     def _build(self, order, seed, checkpoint, steps, depth):
+        # Deferred for start-up time: this module is imported by every command, DALI only by a run
+        # that builds a pipeline.
         from pipelines.evaluation import build_eval_pipeline
 
         order = order + [order[-1] if order else 0] * (steps * self.batch_size - len(order))

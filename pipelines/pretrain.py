@@ -47,7 +47,16 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
 from byol_fast.config import DataConfig, ReaderConfig, ViewConfig
-from pipelines.colour import BRIGHTNESS, CONTRAST, GREY, HUE, ORDERS, SATURATION, factor_range, hue_range
+from pipelines.colour import (
+    BRIGHTNESS,
+    CONTRAST,
+    GREY,
+    HUE,
+    ORDERS,
+    SATURATION,
+    factor_range,
+    hue_range,
+)
 from pipelines.decode import INTERP, build, decode, normalise, read
 from pipelines.shards import ShardList
 
@@ -221,7 +230,7 @@ def crop_window(img, view: ViewConfig):
 
 def window_of(anchor, shape, flip):
     """float32 (5,) per sample: the crop window x0, y0, x1, y1 in the decoded image's pixels, and the
-    flip (1.0 when the view is mirrored): what PixPro's correspondences need (byol_fast.pixpro)."""
+    flip (1.0 when the view is mirrored): what PixPro's correspondences need (byol_fast.models.pixpro)."""
     ya, xa = anchor[0], anchor[1]
     return fn.stack(xa, ya, xa + shape[1], ya + shape[0], fn.cast(flip, dtype=types.FLOAT))
 

@@ -1,6 +1,6 @@
 """Samples of tar shards as DALI's webdataset reader reads them: any subset, in any order.
 
-A shard set (packed by ``byol_fast.shards``, opened and checked by ``byol_fast.shard_set``) reaches the
+A shard set (packed by ``byol_fast.datasets.shard_pack``, opened and checked by ``byol_fast.datasets.shard_set``) reaches the
 pipelines as :class:`ShardSamples`: the tar of every sample and where its image lies in that tar.
 DALI's ``fn.readers.webdataset`` walks (tar, index file) pairs in the order given and each index
 file's samples in the order listed, reading each sample at the offset its line states. So a loader
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The extensions an image member may have (byol_fast.shards stores each under what it really is).
+# The extensions an image member may have (byol_fast.datasets.shard_pack stores each under what it really is).
 IMAGE_EXTS = ("bmp", "jp2", "jpg", "png", "ppm", "tiff", "webp")
 
 

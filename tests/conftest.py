@@ -34,9 +34,9 @@ def write_noise_jpegs(root: Path, count: int = 16, seed: int = 0) -> Path:
 
 
 def pack_folder(images: Path, out: Path, shard_bytes: int) -> Path:
-    """An image folder packed into tar shards at ``out`` (byol_fast.shards, seed 0); returns ``out``."""
-    from byol_fast.index import build_index
-    from byol_fast.shards import pack
+    """An image folder packed into tar shards at ``out`` (byol_fast.datasets.shard_pack, seed 0); returns ``out``."""
+    from byol_fast.datasets.index import build_index
+    from byol_fast.datasets.shard_pack import pack
 
     pack(build_index(images, workers=1, cache=False, progress=False), out, shard_bytes=shard_bytes, seed=0,
          progress=False)
@@ -57,7 +57,7 @@ CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYT
 
 def ddp_env(rank: int, world: int, port: int) -> None:
     """The variables torchrun sets, for a worker started by torch.multiprocessing.spawn on this host
-    (gloo on the CPU): call it first thing in the worker, before byol_fast.dist.setup."""
+    (gloo on the CPU): call it first thing in the worker, before byol_fast.runtime.dist.setup."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
 

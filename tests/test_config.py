@@ -1,7 +1,8 @@
 """Configuration: layering, recipes, and errors that name the key."""
 import pytest
 
-from byol_fast.config import ConfigError, load_config
+from byol_fast.errors import ConfigError
+from byol_fast.config import load_config
 from conftest import ROOT
 
 

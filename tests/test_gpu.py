@@ -5,9 +5,9 @@ from PIL import Image
 
 from byol_fast import train
 from byol_fast.config import load_config
-from byol_fast.dist import DistInfo
-from byol_fast.learner import Learner
-from byol_fast.runtime import resolve_precision
+from byol_fast.runtime.dist import DistInfo
+from byol_fast.pretrain.learner import Learner
+from byol_fast.runtime.device import resolve_precision
 
 pytestmark = pytest.mark.gpu
 TINY = ["--model.backbone=resnet18", "--model.projector_hidden=64", "--model.projector_out=32",

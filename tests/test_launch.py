@@ -3,9 +3,9 @@ import os
 import shlex
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from byol_fast.launch import LaunchError, main, plan
 
@@ -105,7 +105,7 @@ def test_main_prints_the_entry_command(capsys, monkeypatch):
 # `make -n TARGET ...` prints the exact launch command (byol_fast.launch --print, run by make itself).
 # A bare environment, so that the caller's ARGS, SLURM_JOB_ID, MAKEFLAGS, ... do not leak in;
 # GPUS_PER_NODE=8 so that the node size does not depend on this machine's GPUs.
-ROOT = Path(__file__).resolve().parents[1]
+
 MAKE_ENV = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")}
 MULTI_NODE = ["GPUS=16", "NNODES=2", "NODE_RANK=1", "MASTER_ADDR=node0", "GPUS_PER_NODE=8"]
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from byol_fast import checkpoint
+from byol_fast.weights import checkpoint
 from byol_fast.config import load_config
-from byol_fast.model import BYOL
+from byol_fast.models.byol import BYOL
 
 
 def mean_cosines(vectors: torch.Tensor) -> tuple[float, float]:

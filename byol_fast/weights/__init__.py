@@ -1,0 +1,7 @@
+"""Weights on disk: byol_fast's checkpoint format and its background writer (``checkpoint``), reading
+an encoder from any file byol_fast or a peer writes (``encoder_file``, ``backbone_match``), the
+importers of other projects' releases (``importers``), and reading a file a user points at without
+running code from it (``safe_load``, with ``unpickler``, ``safe_torch`` and ``safe_arrays``).
+
+May import: ``runtime``, ``models`` and the foundation modules (``config``, ``constants``, ``errors``).
+"""
