@@ -7,7 +7,8 @@ A run's configuration is built in three layers, later ones winning:
 3. command-line overrides ``--section.key=value`` (values parsed as YAML scalars).
 
 Every entry point's schema lives here: :class:`Config` (pretraining), :class:`LinearConfig`
-(linear evaluation); both read images through the one :class:`ReaderConfig` section. Unknown keys,
+(linear evaluation) and :class:`FinetuneConfig` (fine-tuning); all read images through the one
+:class:`ReaderConfig` section. Unknown keys,
 values of the wrong type and values outside :data:`CHOICES` stop with a :class:`ConfigError` that
 names the dotted key and, where it came from a file, the file. Derived values (scaled learning rate,
 steps per epoch, per-GPU batch) are computed by functions elsewhere and never written back.

@@ -2,12 +2,13 @@
 
 ``python -m byol_fast.convert SRC --out encoder.pt [--format auto|mmpretrain|solo-learn|lightly|byol-pytorch|passl|deepmind|vissl]``
 
-Reads SRC without running code from it (torch files with weights_only, pickles of numpy arrays with
-an unpickler that admits nothing else), detects its layout (``byol_fast.weights.importers``), maps the online
-backbone onto torchvision's names, reports what it mapped and what it dropped, and refuses, naming
-the keys, when anything of the backbone is missing or left over. The output is an exported encoder
-like ``python -m byol_fast.export`` writes; ``linear_eval``, ``export``, ``features`` and
-``predict`` also take SRC directly.
+Reads SRC without running code from it (``byol_fast.weights.safe_load``: torch files and pickles of
+numpy arrays through an unpickler that admits nothing else), detects its layout
+(``byol_fast.weights.importers``), maps the online backbone onto torchvision's names, reports what it
+mapped and what it dropped, and refuses, naming the keys, when anything of the backbone is missing or
+left over. The output is an exported encoder like ``python -m byol_fast.export`` writes;
+``linear_eval``, ``finetune``, ``export``, ``dense_probe`` and the feature API
+(``byol_fast.weights.encoder_file``) also take SRC directly.
 """
 from __future__ import annotations
 

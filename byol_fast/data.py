@@ -1,4 +1,4 @@
-"""Dataset index, file validation and the demo dataset.
+"""Dataset commands: index and check an image folder, pack and verify tar shards, write the demo datasets.
 
 Command line::
 
@@ -12,19 +12,23 @@ Command line::
 index and a report of the files left out, and prints a summary. ``demo`` writes the synthetic demo
 dataset (an ImageFolder of JPEGs with train/ and val/) unless it is already there. ``shards`` packs
 an image folder (indexed first, or its index reused) or an index file into tar shards
-(byol_fast.datasets.shard_pack); a root holding train/ and val/ becomes OUT/train and OUT/val. ``verify`` reads
-every byte of a shard set (a folder or ``s3://bucket/prefix``; both splits of a root holding train/
-and val/) against its manifest (byol_fast.datasets.shard_set.verify). ``demo-seg`` writes the dense demo
-(texture regions and their masks, byol_fast.datasets.demo_segmentation) for ``python -m byol_fast.dense_probe``. Mistakes exit 2 with a one-line error.
+(byol_fast.datasets.shard_pack); a root holding train/ and val/ becomes OUT/train and OUT/val.
+``verify`` reads every byte of a shard set (a folder or ``s3://bucket/prefix``; both splits of a
+root holding train/ and val/) against its manifest (byol_fast.datasets.shard_set.verify).
+``demo-seg`` writes the dense demo (texture regions and their masks,
+byol_fast.datasets.demo_segmentation) for ``python -m byol_fast.dense_probe``. Mistakes exit 2
+with a one-line error.
 
 The code lives in the modules; import from them, not from here:
 
-- byol_fast.datasets.index: DatasetError, Index, build_index, load_index, checked_index (the dataset index,
-  its layouts and cache; byol_fast.datasets.index_file: the saved index file and its report).
+- byol_fast.datasets.index: build_index, load_index, checked_index (the dataset index, its layouts
+  and cache); byol_fast.datasets.samples: Index; byol_fast.datasets.index_file: the saved index file
+  and its report; byol_fast.errors: DatasetError.
 - byol_fast.datasets.image_check: check_image (one file) and check_all (many, in parallel).
 - byol_fast.datasets.demo: make_demo_dataset, ensure_demo_dataset, demo_image.
 - byol_fast.datasets.shard_pack: pack (an index into tar shards with DALI's index files and a manifest).
 - byol_fast.datasets.shard_set: open_shard_set (opened and checked for reading), verify.
+- byol_fast.datasets.demo_segmentation: make_segmentation_demo, read_split (the dense demo).
 """
 from __future__ import annotations
 

@@ -1,11 +1,10 @@
-"""Work out how to launch pretraining or linear evaluation on N GPUs, and launch it
-(``make pretrain GPUS=N``, ``make linear-eval GPUS=N``).
+"""Work out how to launch pretraining, linear evaluation or fine-tuning on N GPUs, and launch it
+(``make pretrain GPUS=N``, ``make linear-eval GPUS=N``, ``make finetune GPUS=N``).
 
     python -m byol_fast.launch --gpus 32 [--entry train|linear_eval|finetune] [--print] -- --config C.yaml ...
 
 ``--entry`` picks the module run, ``byol_fast.train`` (the default), ``byol_fast.linear_eval`` or
-``byol_fast.finetune``;
-the arguments after ``--`` go to it. Both launch the same way:
+``byol_fast.finetune``; the arguments after ``--`` go to it. All three launch the same way:
 
 - N <= 1: one process (``python -m byol_fast.<entry>``): the GPU if there is one, else the CPU.
 - N <= GPUs per node: ``torchrun --standalone --nproc_per_node=N`` on this machine.

@@ -10,9 +10,10 @@
 - :mod:`pipelines.loader`: the DALI graphs as loaders of torch tensors.
 - :mod:`pipelines.reference`: the same recipes with torchvision transforms on PIL images (baseline + test oracle).
 
-This package knows the configuration (``byol_fast.config``) and the image constants, nothing else
-of byol_fast. Every loader yields images as float32 ``(N, 3, H, W)`` tensors; DALI's are NHWC in memory
-(channels_last): DALI writes HWC, and a ``permute`` makes the NCHW view for free.
+This package knows the configuration (``byol_fast.config``), the image constants and the errors
+(``byol_fast.errors``), nothing else of byol_fast. Every loader yields images as float32
+``(N, 3, H, W)`` tensors; DALI's are NHWC in memory (channels_last): DALI writes HWC, and a
+``permute`` makes the NCHW view for free.
 
 Modules are imported lazily so that ``import pipelines.reference`` works without DALI installed.
 """

@@ -1,8 +1,8 @@
 """The loader contract: what every byol_fast loader promises, and which files rank r reads in epoch e.
 
 The DALI two-view and evaluation loaders (``pipelines.loader``), their PIL/torchvision references
-(``pipelines.reference``) and linear evaluation's cached features (``byol_fast.evaluation.classifier``) implement
-it; each is an :class:`EpochLoader`:
+(``pipelines.reference``) and linear evaluation's cached features
+(``byol_fast.evaluation.classifier.FeatureLoader``) implement it; each is an :class:`EpochLoader`:
 
 - ``steps_per_epoch``: batches per epoch, the same on every rank (collectives such as DDP and
   SyncBatchNorm would wait forever on a rank that stopped early);

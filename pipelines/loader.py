@@ -1,9 +1,9 @@
 """The DALI graphs as loaders of torch tensors, under the loader contract (``pipelines.contract``).
 
-Each training epoch builds the rank's pipeline afresh over the files :func:`pipelines.contract.rank_files`
-gives it, seeded by (seed, rank, epoch) (a CPU build takes tens of milliseconds), so a new epoch
-needs no saved state and a position inside an epoch is the DALI checkpoint of that pipeline
-(reader position and every random generator).
+Each training epoch builds the rank's pipeline afresh over the files
+:func:`pipelines.contract.rank_files` gives it, seeded by (seed, rank, epoch) (a build is cheap next
+to an epoch), so a new epoch needs no saved state and a position inside an epoch is the DALI
+checkpoint of that pipeline (reader position and every random generator).
 
 Epoch boundaries cost nothing they need not (:class:`_Scheduled`): a pipeline is run ahead by its
 prefetch depth but never past the batches its epoch has (``Pipeline.run`` would compute one more,
@@ -18,9 +18,10 @@ alive while a torch tensor refers to it) and as ``(N, 3, H, W)`` views of NHWC m
 channels_last format.
 
 A loader reads image files (a list of paths) or the samples of a shard set (a
-:class:`pipelines.shards.ShardSamples`); with shards, training walks :func:`pipelines.contract.shard_order`
-and each pipeline gets index files written for its order into a private temporary folder, removed
-once DALI has read them. Labels are attached here, from the samples each batch holds.
+:class:`pipelines.shards.ShardSamples`); with shards, training walks
+:func:`pipelines.contract.shard_order` and each pipeline gets index files written for its order into
+a private temporary folder, removed once DALI has read them. Labels are attached here, from the
+samples each batch holds.
 """
 from __future__ import annotations
 
@@ -186,8 +187,9 @@ class _DaliLoader(EpochLoader):
 
     def _build_ahead(self, epoch: int) -> None:
         """Build the pipeline of ``epoch`` (from its start) and start its first batches, once per epoch.
-        Skipped when a local tar changed since the current pipeline was built; a failure is left for that
-        epoch to meet: the pipeline is built again then, after this one is freed, and the error raised there."""
+        Skipped when a local tar changed since the current pipeline was built; a failure is left for
+        that epoch to meet: the pipeline is built again then, after this one is freed, and the error
+        raised there."""
         self._ahead = (epoch, None, None)  # tried: not again this epoch
         if self._tar_identities() != self._tars_seen:  # files: None both
             return

@@ -73,13 +73,13 @@ from pipelines.shards import ShardList
 # A jitter that does not fire is q = (1, 1, 1, 1, 1, 0): every map is the identity.
 #
 # Why a table rather than building the four maps with arithmetic and picking them from a stacked tensor
-# by the order: each DALI operator costs some 10-70 us of CPU per batch of 32, plus about 1 us per
-# sample, whatever its size. That way takes some 35 operators per view (measured: 1.5-2.4 ms of CPU
-# per batch of 32, 5.9-6.6 ms per 256), this one 18 (0.75-0.8 and 2.8-3.3 ms; the former Python
-# callback took 0.6 and 1.7-1.8, holding the GIL). One table over all 96 (fire, gray, order) cases would
-# save 3 operators but add some 35 ms to every pipeline build (once per epoch), which converts every
-# float of a constant. All these operators run on the CPU (argument inputs are CPU data), so the same
-# graph serves device="cpu" and "gpu".
+# by the order: each DALI operator has a fixed CPU cost per batch plus a small one per sample,
+# whatever its size, so the CPU time of this part grows with the number of operators. That way takes
+# some 35 operators per view, this one 18, which about halves the CPU time per batch (a Python
+# callback is somewhat cheaper still, but holds the GIL every batch). One table over all 96 (fire,
+# gray, order) cases would save 3 operators but make every pipeline build (once per epoch) markedly
+# slower, since the build converts every float of a constant. All these operators run on the CPU
+# (argument inputs are CPU data), so the same graph serves device="cpu" and "gpu".
 
 _Q = 6  # (1, b, c, s, cos theta, sin theta)
 _ONE, _B, _C, _S, _COS, _SIN = range(_Q)

@@ -1,7 +1,8 @@
 """Samples of tar shards as DALI's webdataset reader reads them: any subset, in any order.
 
-A shard set (packed by ``byol_fast.datasets.shard_pack``, opened and checked by ``byol_fast.datasets.shard_set``) reaches the
-pipelines as :class:`ShardSamples`: the tar of every sample and where its image lies in that tar.
+A shard set (packed by ``byol_fast.datasets.shard_pack``, opened and checked by
+``byol_fast.datasets.shard_set``) reaches the pipelines as :class:`ShardSamples`: the tar of every
+sample and where its image lies in that tar.
 DALI's ``fn.readers.webdataset`` walks (tar, index file) pairs in the order given and each index
 file's samples in the order listed, reading each sample at the offset its line states. So a loader
 that wants samples ``order`` (``pipelines.contract.shard_order`` in training) writes, for each run of

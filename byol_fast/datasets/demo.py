@@ -151,7 +151,7 @@ def make_demo_dataset(root: str | os.PathLike, num_classes: int = 8, train_per_c
     Layout: ``root/train/<class>/<class>_NNNN.JPEG``, ``root/val/<class>/...`` and
     ``root/demo.json`` (the parameters). Classes are texture families (DEMO_CLASSES, first
     ``num_classes``); images are ``size`` x ``size`` RGB, JPEG quality 90. Same seed, same bytes.
-    Defaults: 512 train + 512 val images, about 8 MB, a couple of seconds.
+    Defaults: 512 train + 512 val images, about 8 MB.
     Built in a temporary sibling folder and renamed into place, so ``root`` is complete or absent.
     """
     if not 1 <= num_classes <= len(DEMO_CLASSES):

@@ -1,10 +1,13 @@
-"""The dataset index: the decodable images of one folder, with labels, checked once and cached.
+"""Building the dataset index: the decodable images of one folder, with labels, checked once and cached.
 
-An image folder is scanned once into an :class:`Index` of (path, label); every file is decoded on
-the CPU (byol_fast.datasets.image_check: DALI cannot skip a sample, docs/reference.md section 3);
-files that fail are left out and listed, with the reason, in a report next to the index. The index
-is cached (byol_fast.datasets.index_file) and a later scan decodes only files whose size or modification
-time changed.
+:func:`build_index` scans an image folder into an :class:`~byol_fast.datasets.samples.Index` of
+(path, label) (the class itself lives in ``byol_fast.datasets.samples``); :func:`load_index` reads a
+saved index file or builds one, and :func:`checked_index` does it once per distributed run (rank 0
+scans, the other ranks read the result). Every file is decoded on the CPU
+(byol_fast.datasets.image_check: DALI cannot skip a sample, docs/reference.md section 3); files
+that fail are left out and listed, with the reason, in a report next to the index. The index is
+cached (byol_fast.datasets.index_file) and a later scan decodes only files whose size or
+modification time changed.
 
 Layouts (the same rules as ``torchvision.datasets.ImageFolder``, so labels agree with it):
 
@@ -44,9 +47,6 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 # Reasons that depend on something other than the file's bytes (permissions, a link's target):
 # never cached, checked again on every scan.
 TRANSIENT_REASONS = ("unreadable", "missing")
-
-
-# ------------------------------------------------------------------------------ the index
 
 
 # ------------------------------------------------------------------------------ scanning the tree

@@ -3,8 +3,8 @@
 Pretraining, linear evaluation, the kNN monitor and the benchmark all get their image loaders here,
 so that each is built from the config's sections whole (the images' recipe and the ``reader``
 section) and the benchmark times exactly what the drivers run. (Linear evaluation's cached features
-are not images: ``byol_fast.evaluation.classifier.FeatureLoader``.) Every loader follows the contract of
-``pipelines.contract`` (steps per epoch, the epoch, ``state_dict()``).
+are not images: ``byol_fast.evaluation.classifier.FeatureLoader``.) Every loader follows the
+contract of ``pipelines.contract`` (steps per epoch, the epoch, ``state_dict()``).
 """
 from __future__ import annotations
 

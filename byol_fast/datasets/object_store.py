@@ -1,9 +1,9 @@
 """Reading a local path or an ``s3://bucket/key`` URL the same way, with one-line errors and time-outs.
 
-Shard sets (``byol_fast.datasets.shard_set``) live in a folder or under an S3 prefix. Their small files (the
-manifest, index files, a few tar headers) are read here; the images themselves are read by DALI,
-whose readers take ``s3://`` URLs too. Both find the endpoint and credentials the standard AWS way:
-``AWS_ENDPOINT_URL`` (or ``endpoint_url`` in ``~/.aws/config``), ``AWS_ACCESS_KEY_ID`` /
+Shard sets (``byol_fast.datasets.shard_set``) live in a folder or under an S3 prefix. Their small
+files (the manifest, index files, a few tar headers) are read here; the images themselves are read
+by DALI, whose readers take ``s3://`` URLs too. Both find the endpoint and credentials the standard
+AWS way: ``AWS_ENDPOINT_URL`` (or ``endpoint_url`` in ``~/.aws/config``), ``AWS_ACCESS_KEY_ID`` /
 ``AWS_SECRET_ACCESS_KEY`` (or ``AWS_PROFILE`` and ``~/.aws/credentials``), ``AWS_REGION``. byol_fast
 never takes them from its own config and never prints them.
 

@@ -11,9 +11,9 @@ from byol_fast.runtime import dist
 
 
 def checked_dataset(path, info, workers: int = 0) -> Index | ShardSet:
-    """What ``--data.path`` names, for one process of a distributed run (``info``: byol_fast.runtime.dist.DistInfo):
-    a shard set (checked in full by rank 0, then opened by the others) or an image folder or index
-    file (``byol_fast.datasets.index.checked_index``)."""
+    """What ``--data.path`` names, for one process of a distributed run (``info``:
+    byol_fast.runtime.dist.DistInfo): a shard set (checked in full by rank 0, then opened by the
+    others) or an image folder or index file (``byol_fast.datasets.index.checked_index``)."""
     if not (store.is_s3(path) or is_shard_set(path)):  # an s3:// URL can only be a shard set
         return checked_index(path, info, workers)
     def main():

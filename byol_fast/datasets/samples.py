@@ -15,9 +15,9 @@ from byol_fast.errors import DatasetError
 
 
 class LabelledSamples:
-    """What an image folder's :class:`Index` and a shard set (``byol_fast.datasets.shard_set.ShardSet``) share:
-    samples with ``labels`` (``-1`` when unlabelled) and ``classes``, and seeded subsets of them.
-    A subclass says how to keep a subset (``_subset``)."""
+    """What an image folder's :class:`Index` and a shard set (``byol_fast.datasets.shard_set.ShardSet``)
+    share: samples with ``labels`` (``-1`` when unlabelled) and ``classes``, and seeded subsets of
+    them. A subclass says how to keep a subset (``_subset``)."""
 
     labels: list[int]
     classes: list[str]
@@ -120,8 +120,9 @@ class Index(LabelledSamples):
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     def named(self, names: list[str], source: str) -> list[int]:
-        """The positions of the files whose base names are ``names`` (a published subset list, e.g. ImageNet's 1% split);
-        a DatasetError naming the first name that is not in this index, or that names several files."""
+        """The positions of the files whose base names are ``names`` (a published subset list, e.g.
+        ImageNet's 1% split); a DatasetError naming the first name that is not in this index, or that
+        names several files."""
         where: dict[str, list[int]] = {}
         for i, f in enumerate(self.files):
             where.setdefault(os.path.basename(f), []).append(i)

@@ -1,9 +1,11 @@
-"""A packed shard set (``byol_fast.datasets.shard_pack``), opened for reading and checked before training.
+"""A packed shard set (``byol_fast.datasets.shard_pack``), opened for reading and checked before
+training.
 
 ``open_shard_set(path)`` takes a folder or an ``s3://bucket/prefix`` holding ``manifest.json``, its
-tars and their index files, and returns a :class:`ShardSet`: the labels and classes (an image folder's
-:class:`byol_fast.datasets.samples.Index` offers the same), and the :class:`pipelines.shards.ShardSamples` the
-DALI loaders read. Before anything trains it checks, and stops with one line naming the shard:
+tars and their index files, and returns a :class:`ShardSet`: the labels and classes (an image
+folder's :class:`byol_fast.datasets.samples.Index` offers the same), and the
+:class:`pipelines.shards.ShardSamples` the DALI loaders read. Before anything trains it checks, and
+stops with one line naming the shard:
 
 - the manifest: present, of this format, every field of its type, no tar listed twice, its counts
   adding up;
@@ -14,10 +16,11 @@ DALI loaders read. Before anything trains it checks, and stops with one line nam
   every sample with one image and its ``.cls`` label, every member inside the tar;
 - the folder: no tar that the manifest does not list.
 
-Rank 0 checks; the others open the set after it (``checked_dataset``), and an error on rank 0 is
-raised on every rank. What these checks cannot see without reading every byte (an image damaged in
-the middle of a tar of the right size) :func:`verify` finds (``python -m byol_fast.data verify``): every tar's sha256 against the
-manifest, every label member against the manifest's labels.
+Rank 0 checks; the others open the set after it
+(``byol_fast.datasets.open_dataset.checked_dataset``), and an error on rank 0 is raised on every
+rank. What these checks cannot see without reading every byte (an image damaged in the middle of a
+tar of the right size) :func:`verify` finds (``python -m byol_fast.data verify``): every tar's
+sha256 against the manifest, every label member against the manifest's labels.
 """
 from __future__ import annotations
 

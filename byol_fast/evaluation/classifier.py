@@ -1,6 +1,10 @@
-"""Linear evaluation's classifier and its step: frozen encoder -> features -> one linear layer -> SGD.
+"""The classifiers of an evaluation run: frozen encoder -> features -> one linear layer -> SGD.
 
-Used by ``byol_fast.linear_eval`` and by the benchmark's linear stage, so that both run the same code:
+:class:`LinearClassifier` is linear evaluation's, used by ``byol_fast.evaluation.run`` and by the
+benchmark's linear stage, so that both run the same code; :class:`FineTuner` trains the whole network
+(fine-tuning), :class:`FeatureLoader` serves cached features (``features=cached``) and
+:class:`ImageClassifier` classifies images with a saved checkpoint (``byol_fast.predict``).
+The linear classifier:
 
 - the encoder is frozen: eval mode (batch norm uses its running statistics), no gradients, run under
   autocast in the run's precision; its features are cast to fp32;

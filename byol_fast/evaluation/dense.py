@@ -1,10 +1,10 @@
 """The dense probe: what an encoder's last feature map knows pixel by pixel.
 
 A per-pixel linear classifier (a 1x1 convolution) on the frozen encoder's last feature map
-(byol_fast.models.resnet.feature_map), its logits upsampled (bilinear) to the mask's resolution, trained with
-cross entropy on the training split and scored on the validation masks by mean IoU: the IoU of each
-class, ``TP / (TP + FP + FN)`` over all validation pixels, averaged over the classes that occur in the
-masks or the predictions. Features are computed once (the encoder is frozen).
+(byol_fast.models.resnet.feature_map), its logits upsampled (bilinear) to the mask's resolution,
+trained with cross entropy on the training split and scored on the validation masks by mean IoU:
+the IoU of each class, ``TP / (TP + FP + FN)`` over all validation pixels, averaged over the classes
+that occur in the masks or the predictions. Features are computed once (the encoder is frozen).
 """
 from __future__ import annotations
 

@@ -52,8 +52,9 @@ from byol_fast.weights.encoder_file import (
 )
 
 RESULTS = "results.json"
-# The recipe in a run's source (since 2026-12-03), so that a sweep sharing one out_dir never resumes
-# another learning rate, batch size or seed; files written before lack these keys and still resume.
+# The recipe in a run's source, so that a sweep sharing one out_dir never resumes another learning
+# rate, batch size or seed; a checkpoint whose source lacks these keys (written before they were
+# recorded) still resumes.
 # Epochs stay out: a finished run may be extended (--epochs=N+k resumes after epoch N).
 RECIPE_KEYS = ("seed", "lr", "batch_size")
 
@@ -79,8 +80,8 @@ def output_dir(cfg: LinearConfig) -> Path:
 
 
 def split_index(root: str | Path, split: str, info: dist.DistInfo, workers: int = 0):
-    """The checked index (byol_fast.datasets.index) or shard set (byol_fast.datasets.shard_set) of ``root/split``, built
-    or checked by rank 0 only; it must be labelled."""
+    """The checked index (byol_fast.datasets.index) or shard set (byol_fast.datasets.shard_set) of
+    ``root/split``, built or checked by rank 0 only; it must be labelled."""
     path = store.join(root, split)
     index = checked_dataset(path, info, workers)
     if not index.labelled:

@@ -25,9 +25,10 @@ pixels instead of the pooled vector.
 Crop windows are ``(x0, y0, x1, y1)`` in the original image's pixels (any common unit works); a
 flip is a horizontal mirror of the crop after it was taken.
 
-Not wired into training yet (issue 14): the two-view loaders report each view's window and flip
-(``windows=True``: ``pipelines.pretrain.window_of``, ``pipelines.reference.WindowedView``), but the
-model has no ``loss`` switch yet; these are the parts the rest will be built on, each tested alone.
+Training uses them through ``model.loss`` (``pixpro`` or ``instance+pixpro``; recipes
+``config/pixpro_*.yaml``): :class:`byol_fast.models.byol.BYOL` adds the pixel heads and the loss, and
+the two-view loaders report each view's window and flip (``windows=True``:
+``pipelines.pretrain.window_of``, ``pipelines.reference.WindowedView``).
 """
 from __future__ import annotations
 

@@ -27,9 +27,6 @@ from byol_fast.evaluation.accuracy import topk_correct
 from byol_fast.evaluation.features import loader_features
 from byol_fast.runtime import dist
 
-# ---------------------------------------------------------------------------- top-k accuracy
-
-
 # ---------------------------------------------------------------------------- kNN
 
 

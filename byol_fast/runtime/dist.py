@@ -7,6 +7,7 @@ A single process is a world of one through the same code. NCCL on CUDA, gloo on 
 from __future__ import annotations
 
 import datetime
+import inspect
 import os
 import subprocess
 from dataclasses import dataclass
@@ -74,6 +75,12 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+# The DDP argument that turns off syncing buffers at every forward.
+_BUFFER_SYNC_FLAG = ("forward_sync_buffers"
+                     if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel).parameters
+                     else "broadcast_buffers")
+
+
 def wrap(model: nn.Module, device: torch.device, info: DistInfo, sync_bn: bool, channels_last: bool) -> nn.Module:
     """SyncBatchNorm (CUDA only) -> device and memory format -> DDP (mixed precision is autocast in the step).
 
@@ -85,9 +92,10 @@ def wrap(model: nn.Module, device: torch.device, info: DistInfo, sync_bn: bool, 
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if info.world_size > 1:
         ids = [info.local_rank] if device.type == "cuda" else None
-        # With synchronised BN every rank's running statistics are already equal.
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=not sync_bn,
-                                                    gradient_as_bucket_view=True)
+        # With synchronised BN every rank's running statistics are already equal: no buffer sync per
+        # forward. (torch renamed the flag; the old name still works on older releases and warns on newer.)
+        sync = {_BUFFER_SYNC_FLAG: not sync_bn}
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True, **sync)
     return model
 
 

@@ -1,16 +1,17 @@
-"""What every entry point shares: device and precision, the process, errors, stop signals, saving.
+"""The process a training command runs as: its rank, world and device, and when it saves and stops.
 
-The drivers (``byol_fast.train``, ``byol_fast.linear_eval``, ``byol_fast.export``) and the benchmark
-sit on this module and never import each other:
+Pretraining (``byol_fast.train``), linear evaluation and fine-tuning (``byol_fast.evaluation.run``)
+and the benchmark use it:
 
-- :func:`resolve_device`, :func:`resolve_precision`, :func:`decode_device`, :func:`per_process_batch`:
-  settings derived from a config and the machine, never written back into the config;
 - :class:`Process`: this process's rank, world and device, and logging from rank 0 only;
-- :func:`run_cli`: a user mistake (bad key, missing data, unreadable checkpoint) becomes one line
-  ``error: ...`` on stderr and exit status 2, never a traceback;
 - :class:`SaveSchedule`: when a run saves (every N minutes, at epoch ends, at the last step, on
   SIGTERM/SIGUSR1), agreed by all ranks at the same step; a stopped run exits with
-  :data:`PREEMPTED_EXIT` so a scheduler requeues it.
+  :data:`PREEMPTED_EXIT` so a scheduler requeues it;
+- :func:`git_revision`: the code's revision, recorded in the banner, checkpoints and results.
+
+The settings derived from a config and the machine (device, precision, per-process batch) are in
+``byol_fast.runtime.device``; how a command turns a user mistake into one line is in
+``byol_fast.runtime.cli``.
 """
 from __future__ import annotations
 
@@ -29,9 +30,6 @@ from byol_fast.runtime import dist
 from byol_fast.runtime.device import resolve_device
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped on a signal after saving; run the same command again
-
-
-# ---------------------------------------------------------------------------- derived settings
 
 
 # ---------------------------------------------------------------------------- the process

@@ -16,8 +16,8 @@ from byol_fast.models.resnet import build_encoder
 
 
 def nearest_backbone(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, torch.Size]]:
-    """(name, its encoder's key -> shape) of the backbone (byol_fast.models.resnet.BACKBONES) whose keys differ
-    least from ``state``'s: the exact one when there is one."""
+    """(name, its encoder's key -> shape) of the backbone (byol_fast.config.BACKBONES) whose keys
+    differ least from ``state``'s: the exact one when there is one."""
     best = None
     for name in BACKBONES:
         with torch.device("meta"):  # no memory, no initialisation cost

@@ -81,9 +81,9 @@ class BackgroundWriter:
     """Snapshots a state at the step boundary and writes it in a background thread.
 
     ``checkpoint.save`` in the training loop stops training for the whole serialisation, write and
-    fsync of the file (0.4 s for the 410 MB BYOL ResNet-50 state on a 2-core VM's local disk, seconds
-    on a slow or network filesystem; benchmarks/checkpoint_pause.py). :meth:`save` stops it only
-    for a copy of every tensor into host buffers this writer owns, then a thread does what
+    fsync of the file, which grows with the state's size and the filesystem's speed (longest on a
+    slow or network filesystem; benchmarks/checkpoint_pause.py measures it). :meth:`save` stops it
+    only for a copy of every tensor into host buffers this writer owns, then a thread does what
     ``checkpoint.save`` does with that copy (tag, temporary file, fsync, rename), so the file is the
     one a synchronous save at the same step would write and a kill -9 at any moment still leaves the
     previous file whole.
@@ -99,8 +99,8 @@ class BackgroundWriter:
       ``load`` maps to the CPU anyway.
     - Buffers are kept and reused from one save to the next while a tensor's shape, strides and
       dtype stay the same, for CPU tensors too: pinned memory is slow to allocate, and fresh pages
-      are faulted in one by one on first touch, which costs more than the copy itself (on a 2-core
-      VM the first save of the BYOL ResNet-50 state paused 0.3-0.6 s, the later ones 0.02-0.06 s).
+      are faulted in one by one on first touch, which costs more than the copy itself (the first save
+      pauses the loop about ten times longer than the later ones, which reuse the buffers).
       The price is one host copy of the state held between saves.
     - One write at a time: a save waits for the previous write, so buffers are never overwritten
       while being written and files reach the disk in the order they were saved.
@@ -177,8 +177,8 @@ class BackgroundWriter:
         memo: dict[int, object] = {}  # id of a tensor -> its copy: a tensor twice in the state stays one
         # One intra-op thread for the host copies: they are bound by memory bandwidth, which one core
         # nearly saturates, and a parallel copy waits at every tensor for its slowest thread, so on
-        # cores shared with loader workers it stalls (on 2 busy cores: 0.06 s with one thread, 0.5 s
-        # with two, for the same 400 MB; the same time with either on idle cores).
+        # cores shared with loader workers it stalls (there, several times slower than one thread;
+        # on idle cores both take the same time).
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

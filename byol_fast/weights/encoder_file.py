@@ -1,17 +1,21 @@
-"""Load a pretrained encoder from any byol_fast file and turn images into features.
+"""The encoder in any file byol_fast reads: its weights (:func:`read_encoder_weights`), the frozen
+network (:func:`build_frozen_encoder`, :func:`load_encoder`) and the feature API
+(:func:`load_feature_extractor`, a ``byol_fast.models.feature_extractor.FeatureExtractor``).
 
-Three kinds of file are understood (``byol_fast.weights.checkpoint.kind_of`` tells our two checkpoint kinds
+The files understood (``byol_fast.weights.checkpoint.kind_of`` tells our two checkpoint kinds
 apart by their tag; a state_dict is recognised by its tensors, tagged by our export or not):
 
 - a pretraining checkpoint (``runs/x/last.pt``): the ``online`` encoder, the network the paper
   evaluates (``which="target"`` takes the EMA target's instead);
 - a linear-evaluation checkpoint (``runs/x/linear/last.pt``): the frozen encoder it was trained on;
-- an exported encoder (``python -m byol_fast.export``): a plain torchvision ResNet state_dict; and any
-  untagged torchvision ResNet state_dict (its ``fc.*`` classifier is ignored).
+- an exported encoder (``python -m byol_fast.export``, ``.pt`` or ``.safetensors``): a plain
+  torchvision ResNet state_dict; and any untagged torchvision ResNet state_dict (its ``fc.*``
+  classifier is ignored);
+- a checkpoint another project released, in a layout ``byol_fast.weights.importers`` knows.
 
-Loading is strict (docs/reference.md section 3): a state_dict whose keys carry a ``module.`` or
-``backbone.`` prefix would "load" with ``strict=False`` and leave a random network, so any missing
-or unexpected backbone key is an error that lists them.
+Loading is strict (docs/reference.md section 3; byol_fast.weights.backbone_match): a state_dict
+whose keys carry a ``module.`` or ``backbone.`` prefix would "load" with ``strict=False`` and leave
+a random network, so any missing or unexpected backbone key is an error that lists them.
 
 Example::
 

@@ -18,9 +18,10 @@ Here each of those names stands for a small builder instead:
   builds the array with ``np.frombuffer`` or element by element;
 - :func:`scalar` (for numpy's scalar reconstruction) the same for one value.
 
-byol_fast's unpickler (:mod:`byol_fast.weights.safe_load`, for plain pickles and, through
-:mod:`byol_fast.weights.safe_torch`, torch files) maps numpy's names to these, and :func:`resolve` replaces
-the specs in what it returns by the arrays and dtypes built, within the budgets of :func:`reading`.
+byol_fast's unpickler (:mod:`byol_fast.weights.unpickler`, for plain pickles and, through
+:mod:`byol_fast.weights.safe_torch`, torch files) maps numpy's names to these, and :func:`resolve`
+replaces the specs in what it returns by the arrays and dtypes built, within the budgets of
+:func:`reading`.
 """
 from __future__ import annotations
 

@@ -4,21 +4,24 @@ A pickle names the Python callables that rebuild its objects, and an unpickler c
 saved with ``torch.save({"state_dict": Evil()})``, where ``Evil.__reduce__`` returns
 ``(os.system, ("...",))``, runs that command on ``torch.load(..., weights_only=False)``
 (docs/reference.md section 3). So every file a user hands byol_fast (``--checkpoint``,
-``load_feature_extractor``, resume, ``convert``) goes through :func:`read`:
+``load_feature_extractor``, resume, ``convert``) goes through :func:`read`, which picks the reader
+by the file's kind and keeps each read within its budgets:
 
-- plain pickles of numpy arrays (Paddle's ``.pdparams``, a JAX/Haiku ``.pkl``): :class:`ArrayUnpickler`,
-  which admits numpy arrays, scalars and dtypes (numpy's names stand for the checked builders of
-  :mod:`byol_fast.weights.safe_arrays`: numpy never sees the file's array or dtype state), also as ``dill``
-  writes them, ``collections.OrderedDict``, inert stand-ins of DeepMind's data classes and the
-  plain-data classes of :data:`DATA_CLASSES` as inert :class:`Unread` stand-ins, nothing else; it
-  sets state (pickle's BUILD) only on the builders and stand-ins, never on a class or function the
-  allow-list holds, adds items to lists and dicts only, hashes only scalar keys, and keeps each file
-  within budgets (namedtuple classes here, array bytes in :func:`safe_arrays.reading`);
+- plain pickles of numpy arrays (Paddle's ``.pdparams``, a JAX/Haiku ``.pkl``): :func:`read_pickle`,
+  with :class:`byol_fast.weights.unpickler.ArrayUnpickler`, which admits numpy arrays, scalars and
+  dtypes (numpy's names stand for the checked builders of :mod:`byol_fast.weights.safe_arrays`:
+  numpy never sees the file's array or dtype state), also as ``dill`` writes them,
+  ``collections.OrderedDict``, inert stand-ins of DeepMind's data classes and the plain-data classes
+  of ``unpickler.DATA_CLASSES`` as inert ``Unread`` stand-ins, nothing else; it sets state (pickle's
+  BUILD) only on the builders and stand-ins, never on a class or function the allow-list holds, adds
+  items to lists and dicts only, hashes only scalar keys, and keeps each file within budgets
+  (namedtuple classes in the unpickler, array bytes in :func:`safe_arrays.reading`);
 - torch files, zip or legacy format: :mod:`byol_fast.weights.safe_torch`, the same unpickler with what
   torch's own weights-only reader admits (tensors, storages, dtypes, devices, sizes), checked.
 
 Anything else is refused with a :class:`UnsafeFileError` naming the callable the file asked for, or
-what it tried. tests/test_safe_load.py keeps one crafted file of each kind of attack these readers refuse.
+what it tried. tests/weights/test_safe_load.py keeps one crafted file of each kind of attack these
+readers refuse.
 """
 from __future__ import annotations
 

@@ -1,21 +1,23 @@
 """Torch files (zip or legacy format) read without running code from them: torch's own reading of
-the archive and the storages, with byol_fast's unpickler (:class:`byol_fast.weights.unpickler.ArrayUnpickler`)
-for every object in them.
+the archive and the storages, with byol_fast's unpickler
+(:class:`byol_fast.weights.unpickler.ArrayUnpickler`) for every object in them.
 
-Not ``torch.load(weights_only=True)``: torch's weights-only allow-list is process-wide, so any code in
-the process, from any thread, extends what it admits (with numpy's real array functions, as torch's
-own refusal message advises, a forged numpy dtype reached numpy again); and not ``torch.load`` with a
-pickle module either: it hands a TorchScript archive to ``torch.jit.load`` (running the program) and
-refuses a pickle module under TORCH_FORCE_WEIGHTS_ONLY_LOAD. So :func:`read` calls torch's private
-``_load`` / ``_legacy_load`` (torch 2.14, pinned) with a pickle module of its own.
+Not ``torch.load(weights_only=True)``: torch's weights-only allow-list is process-wide, so any code
+in the process, from any thread, extends what it admits (admitting numpy's real array functions, as
+torch's own refusal message advises, would let a forged numpy dtype reach numpy); and not
+``torch.load`` with a pickle module either: it hands a TorchScript archive to ``torch.jit.load``
+(running the program) and refuses a pickle module under TORCH_FORCE_WEIGHTS_ONLY_LOAD. So
+:func:`read` calls torch's private ``_load`` / ``_legacy_load`` (torch 2.14, pinned) with a pickle
+module of its own.
 
 What the file's pickle may name: torch's weights-only list (tensors, storages, dtypes, devices,
 sizes, the dense tensor and parameter rebuilds) and what plain pickles may name, each checked where
 torch's is not: no storage or tensor of a size the file chooses (``torch.FloatTensor(n)``,
 ``UntypedStorage(n)``, ``bytearray(n)``, storages larger than the file, expanded views of millions of
-elements, views reaching past their storage), no backward hooks, no dunder attributes set on tensors, persistent ids that are storages
-and nothing else, every legacy storage filled from the file (torch would hand back uninitialised
-memory), no old tar-format files (torch extracts them without a filter: links out of its folder).
+elements, views reaching past their storage), no backward hooks, no dunder attributes set on
+tensors, persistent ids that are storages and nothing else, every legacy storage filled from the
+file (torch would hand back uninitialised memory), no old tar-format files (torch extracts them
+without a filter: links out of its folder).
 """
 from __future__ import annotations
 

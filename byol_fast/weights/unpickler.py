@@ -72,7 +72,7 @@ def _dill_array(rebuild, args, state, attributes=None) -> safe_arrays.ArraySpec:
 
 
 class _Budget(threading.local):
-    """What this thread's current read has made (see :func:`_guarded`)."""
+    """What this thread's current read has made (see ``byol_fast.weights.safe_load._guarded``)."""
 
     classes = 0
 
@@ -148,13 +148,13 @@ def _empty_bytes(*args) -> bytes:
 
 # The one allow-list of plain pickles: (module, name) -> what it may stand for. numpy's array and
 # scalar reconstruction and dtypes (under the names numpy 1 and 2 write; the checked builders of
-# byol_fast.weights.safe_arrays stand for them), OrderedDict,
-# the str -> bytes encoding with which protocol-2 pickles write bytes (and empty bytes), what dill writes for an array,
-# for a namedtuple class and for a built-in function (_dill_array, _dill_namedtuple, _dill_attribute:
-# DeepMind's BYOL release was written with dill 0.3); and, as inert stand-ins of the
-# same shape, never imported, the data-only classes of DeepMind's BYOL release
-# (byol_fast.weights.importers.deepmind): its NamedTuples become namedtuples with their fields, Haiku's
-# immutable mappings (rebuilt from a dict) dicts.
+# byol_fast.weights.safe_arrays stand for them), OrderedDict, the str -> bytes encoding with which
+# protocol-2 pickles write bytes (and empty bytes), what dill writes for an array, for a namedtuple
+# class and for a built-in function (_dill_array, _dill_namedtuple, _dill_attribute: DeepMind's BYOL
+# release was written with dill 0.3); and, as inert stand-ins of the same shape, never imported, the
+# data-only classes of DeepMind's BYOL release (byol_fast.weights.importers.deepmind): its
+# NamedTuples become namedtuples with their fields, Haiku's immutable mappings (rebuilt from a dict)
+# dicts.
 ALLOWED = {
     **{tuple(name.rsplit(".", 1)): builder for name, builder in safe_arrays.GLOBALS.items()},
     ("collections", "OrderedDict"): collections.OrderedDict,

@@ -128,6 +128,7 @@ def run_train(data_path, out, env):
     return {f"{p}.{k}": v for p in ("online", "target") for k, v in state[p].items()}
 
 
+@pytest.mark.slow
 def test_pretraining_from_s3_ends_bit_identical_to_pretraining_from_the_local_shards(local, uploaded, server,
                                                                                      tmp_path):
     env = aws_env(tmp_path, server)

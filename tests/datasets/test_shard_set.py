@@ -179,6 +179,7 @@ def test_verify_finds_a_damaged_image_that_only_every_byte_shows(shards, capsys)
     assert err.startswith("error: ") and os.path.basename(tar) in err and "damaged" in err
 
 
+@pytest.mark.slow
 def test_training_on_a_damaged_image_stops_with_one_line_naming_the_shard(shards, tmp_path):
     s = open_shard_set(str(shards))
     t = s.samples.tar_of.tolist()
@@ -284,6 +285,7 @@ def test_the_gpu_decoder_reads_shards_as_it_reads_the_folder(separable):
     assert torch.equal(seen[0][1], seen[1][1]) and torch.equal(seen[0][0], seen[1][0])
 
 
+@pytest.mark.slow
 def test_two_processes_read_a_shard_set_and_both_report_a_damaged_one(shards, tmp_path):
     """Rank 0 checks the set, the other ranks open it after; a damaged set is the same one line on
     every rank (no rank left waiting for one that stopped)."""

@@ -136,6 +136,7 @@ def test_prefixed_state_dict_is_refused(data_root, pretrain_ckpt, tmp_path, caps
     assert f"'{prefix}'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_processes_count_every_val_image_once(data_root, pretrain_ckpt, tmp_path):
     """torchrun-style environment, gloo on CPU: DDP classifier, sharded loaders, summed counts."""
     import torch.multiprocessing as mp
@@ -153,6 +154,7 @@ def _ddp_worker(rank, ckpt, data, out):
     assert code == 0
 
 
+@pytest.mark.slow
 def test_a_stop_signal_exits_75_and_the_rerun_resumes_after_the_last_whole_epoch(data_root, pretrain_ckpt, tmp_path):
     import signal
     import subprocess
@@ -303,6 +305,7 @@ def test_finetune_recipes_follow_the_protocol():
     assert demo.label_fraction == 0.1 and demo.data.path == "data/demo"
 
 
+@pytest.mark.slow
 def test_finetune_with_two_processes(data_root, pretrain_ckpt, tmp_path):
     """gloo on the CPU: the encoder and head in DDP, each rank its share of the labelled subset."""
     import torch.multiprocessing as mp

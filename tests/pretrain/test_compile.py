@@ -7,6 +7,7 @@ The CPU demo's backbone keeps the compilation to about a minute on two cores.
 """
 import copy
 
+import pytest
 import torch
 import torch._dynamo
 
@@ -28,6 +29,7 @@ def weights(lrn):
             for k, v in getattr(lrn.byol, part).state_dict().items() if v.is_floating_point()}
 
 
+@pytest.mark.slow
 def test_compiled_step_matches_eager_and_never_recompiles():
     torch._dynamo.reset()
     eager, compiled = learner(), learner("--compile=true")

@@ -171,6 +171,7 @@ def _worker(rank, world, init_file, bank, bank_labels, query, query_labels, x, y
         tdist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_distributed_knn_and_probe_equal_single_process(tmp_path):
     g = torch.Generator().manual_seed(1)
     bank, bank_labels = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)

@@ -44,6 +44,7 @@ def test_the_pixpro_loss_falls_on_a_fixed_batch_and_only_pixpro_leaves_the_insta
     assert torch.allclose(out["loss"], out["pixpro_loss"])  # model.pixpro_weight 1, no instance term
 
 
+@pytest.mark.slow
 def test_an_instance_pixpro_learner_tells_images_apart_as_it_learns():
     """pair_top1 rises: 16 images, each step two fresh views of each through the reference loader's
     windowed views (crops and flips; the crop windows feed PixPro's pairs), instance+pixpro.

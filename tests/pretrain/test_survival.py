@@ -92,6 +92,7 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loader", ["dali", "torchvision", "shards", "pixpro"])
 def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, tmp_path, uninterrupted, loader):
     killed = tmp_path / "killed"
@@ -132,6 +133,7 @@ sys.exit(train.main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_background_checkpoint_write_keeps_the_previous_one(images, tmp_path, uninterrupted):
     out = tmp_path / "killed_mid_write"
     cmd = train_cmd(images, out)
@@ -146,6 +148,7 @@ def test_kill_9_during_a_background_checkpoint_write_keeps_the_previous_one(imag
     assert_same_weights(uninterrupted("dali"), weights(out / "last.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, loader", [(signal.SIGTERM, "dali"), (signal.SIGUSR1, "torchvision"),
                                          (signal.SIGTERM, "shards"), (signal.SIGTERM, "pixpro")])
 def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path, uninterrupted, sig, loader):
@@ -165,6 +168,7 @@ def test_preemption_signal_saves_exits_75_and_the_rerun_resumes(images, tmp_path
     assert_same_weights(uninterrupted(loader), weights(out / "last.pt"))
 
 
+@pytest.mark.slow
 def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):
     out = tmp_path / "elastic"
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "--max-restarts=1"]
@@ -224,6 +228,7 @@ def _worker(rank: int, world: int, port: int, out: str):
     dist.teardown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_n_processes_equal_one_process_with_n_accumulation_steps(world, tmp_path):
     """Batch-norm statistics are per micro-batch in both (per process in DDP without SyncBN), so the

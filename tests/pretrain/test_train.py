@@ -59,6 +59,7 @@ def test_checkpoint_from_other_architecture_is_refused(images, tmp_path, capsys)
     assert "different model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_process_gloo_run(images, tmp_path):
     """torchrun with 2 CPU processes: both take the same steps and rank 0 saves."""
     out = tmp_path / "ddp"
@@ -120,6 +121,7 @@ def test_online_probe_needs_class_folders(tmp_path, capsys):
     assert "monitor.probe" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_diverged_run_stops_at_a_check_and_its_checkpoints_hold_the_weights_from_before(images, tmp_path, capsys,
                                                                                        monkeypatch):
     """NaN inputs make every step non-finite: each is skipped (counted on the device, weights untouched),

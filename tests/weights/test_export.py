@@ -173,6 +173,7 @@ def test_export_cli_reports_bad_files(tmp_path, capsys):
     assert not (tmp_path / "x.pt").exists()
 
 
+@pytest.mark.slow
 def test_onnx_torch_export_and_safetensors_run_without_byol_fast(pretrain_ckpt, tmp_path, capsys):
     """Each artifact against the features torchvision's own ResNet-18 computes from the exported weights
     (an independent path): ONNX through ONNX Runtime, the torch.export program, safetensors into

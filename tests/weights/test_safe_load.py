@@ -98,6 +98,7 @@ def test_a_pickle_of_numpy_arrays_reads_and_nothing_else_does(tmp_path):
         safe_load.read(tmp_path / "other.pkl")
 
 
+@pytest.mark.slow
 def test_our_checkpoints_load_with_weights_only_alone(tmp_path):
     """No allow-list needed: what a user's plain torch.load(path) (weights_only by default) reads."""
     images = write_noise_jpegs(tmp_path / "imgs", 16)

@@ -10,8 +10,9 @@ One module per source project, each with two functions:
 
 :func:`convert` here picks the layout (or takes the one named), runs it, and checks the result
 strictly: every tensor the layout calls part of the backbone must be mapped, and the mapped names
-must be exactly one backbone's (``byol_fast.weights.backbone_match.infer_backbone`` says which, or names the
-missing and left-over keys). Nothing is loaded "successfully" with a random backbone underneath.
+must be exactly one backbone's (``byol_fast.weights.backbone_match.infer_backbone`` says which, or
+names the missing and left-over keys). Nothing is loaded "successfully" with a random backbone
+underneath.
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def check_complete(state: dict, layout: str, source_name) -> None:
     """Refuse a backbone that is not exactly one known encoder's, naming the tensors missing from (and
     left over beyond) the nearest one, both under torchvision's and under the file's names
     (``source_name(torchvision_name)``); ``byol_fast.weights.backbone_match.infer_backbone``, which
-    ``layouts.convert`` runs next, names them under torchvision's names only."""
+    :func:`convert` runs next, names them under torchvision's names only."""
     given = set(state)
     nearest = set(nearest_backbone(state)[1])
     missing, extra = sorted(nearest - given), sorted(given - nearest)

@@ -29,11 +29,12 @@ The layout, from the project's code:
 - ``byol/utils/dataset.py``: images are scaled to [0, 1] and normalised with ImageNet's mean/std.
 
 The real file pickles ``_ByolExperimentState`` (``byol.byol_experiment``), Haiku's ``FlatMapping``
-(or the earlier ``frozendict``) and the optimizer's state NamedTuples: ``byol_fast.weights.safe_load`` rebuilds
-those as inert data (a namedtuple with the same fields, a dict) without importing them, so this module
-sees ``experiment_state`` as the 5-tuple of its fields (or, re-saved with numpy only, as a mapping of
-the five field names, or those five at the top) and Haiku's mappings as dicts. dill writes some
-things its own way, which the reader also takes as data: a namedtuple class as
+(or the earlier ``frozendict``) and the optimizer's state NamedTuples: ``byol_fast.weights.safe_load``
+(its unpickler, ``byol_fast.weights.unpickler``) rebuilds those as inert data (a namedtuple with the
+same fields, a dict) without importing them, so this module sees ``experiment_state`` as the
+5-tuple of its fields (or, re-saved with numpy only, as a mapping of the five field names, or those
+five at the top) and Haiku's mappings as dicts. dill writes some things its own way, which the
+reader also takes as data: a namedtuple class as
 ``dill._dill._create_namedtuple(name, fields, module)``, numpy's array reconstruction as
 ``_get_attr(_import_module(...), '_reconstruct')`` (dill 0.3, the release's time) or
 ``_create_array`` (dill 0.3.6 and later); tested with files written by dill itself and in dill 0.3's
