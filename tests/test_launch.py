@@ -18,8 +18,14 @@ def test_single_process_without_gpus():
 
 def test_one_node_uses_standalone_torchrun():
     cmd = plan(8, ARGS, "py", env={}, gpus_here=8)
-    assert cmd[:3] == ["py", "-m", "torch.distributed.run"]
+    assert cmd[:5] == ["env", "OMP_NUM_THREADS=1", "py", "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and "--nproc_per_node=8" in cmd
+
+
+def test_a_thread_count_set_by_the_user_is_kept():
+    cmd = plan(8, ARGS, "py", env={"OMP_NUM_THREADS": "4"}, gpus_here=8)
+    assert cmd[:3] == ["py", "-m", "torch.distributed.run"]
+    assert plan(1, ARGS, "py", env={}, gpus_here=8)[0] == "py"  # one process: torchrun is not used
 
 
 def test_more_gpus_than_this_node_asks_for_nodes():
@@ -62,12 +68,12 @@ def test_linear_eval_single_process():
 
 def test_linear_eval_one_node_uses_standalone_torchrun():
     assert plan(8, ARGS, "py", env={}, gpus_here=8, entry="linear_eval") == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", *LINEAR]
+        "env", "OMP_NUM_THREADS=1", "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8", *LINEAR]
 
 
 def test_linear_eval_many_nodes_with_rendezvous_variables():
     assert plan(16, ARGS, "py", env=RDZV, gpus_here=8, entry="linear_eval") == [
-        "py", "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--nproc_per_node=8",
+        "env", "OMP_NUM_THREADS=1", "py", "-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--nproc_per_node=8",
         "--master_addr=node0", "--master_port=29500", *LINEAR]
     with pytest.raises(LaunchError, match="linear evaluation on GPUS=16 needs 2 nodes.*NNODES=2 NODE_RANK"):
         plan(16, ARGS, "py", env={}, gpus_here=8, entry="linear_eval")
@@ -95,9 +101,10 @@ def test_unknown_entry_is_refused():
 
 def test_main_prints_the_entry_command(capsys, monkeypatch):
     monkeypatch.setattr("byol_fast.launch.gpus_on_this_machine", lambda: 2)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert main(["--gpus", "2", "--python", "py", "--entry", "linear_eval", "--print", "--", *ARGS]) == 0
     assert capsys.readouterr().out.split() == [
-        "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *LINEAR]
+        "env", "OMP_NUM_THREADS=1", "py", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *LINEAR]
     assert main(["--gpus", "2", "--python", "py", "--print", "--", *ARGS]) == 0
     assert capsys.readouterr().out.split()[-4:] == ["-m", "byol_fast.train", *ARGS]
 
@@ -127,7 +134,7 @@ RENDEZVOUS = ["-m", "torch.distributed.run", "--nnodes=2", "--node_rank=1", "--n
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_n_linear_eval_prints_the_multi_node_command():
     cmd = make_n("linear-eval", *MULTI_NODE, "CHECKPOINT=x.pt", "DATA=/d")
-    assert cmd[1:] == [*RENDEZVOUS, "-m", "byol_fast.linear_eval",
+    assert cmd[:2] == ["env", "OMP_NUM_THREADS=1"] and cmd[3:] == [*RENDEZVOUS, "-m", "byol_fast.linear_eval",
                        "--config", "config/linear_demo.yaml", "--checkpoint", "x.pt", "--data", "/d"]
     assert make_n("linear-eval", "GPUS=0")[1:] == [
         "-m", "byol_fast.linear_eval", "--config", "config/linear_demo.yaml", "--checkpoint", "runs/demo/last.pt"]
@@ -135,5 +142,5 @@ def test_make_n_linear_eval_prints_the_multi_node_command():
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_make_n_pretrain_prints_the_multi_node_command():
-    assert make_n("pretrain", *MULTI_NODE, "DATA=/d")[1:] == [
+    assert make_n("pretrain", *MULTI_NODE, "DATA=/d")[3:] == [
         *RENDEZVOUS, "-m", "byol_fast.train", "--config", "config/demo.yaml", "--data.path=/d/train"]

@@ -117,7 +117,7 @@ def test_a_bad_init_file_stops_the_cli_in_one_line(tmp_path):
 
 
 def test_the_pretrained_encoder_drops_into_torchvision_detection_and_segmentation():
-    """The lines of the README: the online encoder's state (torchvision ResNet-50 names, no fc) loads
+    """The lines of docs/checkpoints.md: the online encoder's state (torchvision ResNet-50 names, no fc) loads
     into fasterrcnn_resnet50_fpn's and deeplabv3_resnet50's backbones with nothing missing."""
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
     from torchvision.models.segmentation import deeplabv3_resnet50
