@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU suite of a lent machine (issue 11), in one command:
+# The GPU suite of a lent machine, in one command:
 #
 #   bash benchmarks/gpu_checks.sh
 #
@@ -12,7 +12,7 @@
 #      compiled (default mode; max-autotune-no-cudagraphs last, with whatever time is left); the DALI
 #      two-view pipeline alone at hardware-decoder load 0.65 and 1.0; end to end, DALI -> the fastest
 #      step measured, with its data-wait fraction; the same DALI pipeline (load 0.65) reading the same
-#      images as a shard set (issue 12: packed once, its MB/s; shards / files); the torchvision/PIL
+#      images as a shard set (packed once, its MB/s; shards / files); the torchvision/PIL
 #      DataLoader on the same cores;
 #      linear evaluation's step and end to end; the checkpoint pause; peak GPU memory of each;
 #   3. benchmarks/gpu_table.py: the short table, printed LAST, with the targets beside the figures.
@@ -81,8 +81,8 @@ suite() {
     # compile is the long part), the loaders, end to end on the fastest step so far, then the rest
     # (the shard set first: its packing takes seconds, its figure is compared with dali:hw=0.65);
     # max-autotune-no-cudagraphs, whose autotuning can take minutes, last with what is left.
-    # Torchvision at batch 64: its img/s is per-image CPU work, and 16 workers x 256 images per
-    # batch at ~130 img/s would need half a minute per round of batches; 64 keeps it inside its box.
+    # Torchvision at batch 64: its img/s is per-image CPU work, so one round of 16 workers x 256-image
+    # batches would take a large share of its box; 64 keeps whole rounds inside it.
     stages="model:timeout=60,model:loss=pixpro:timeout=45,model:batch=384:timeout=45,model:batch=512:timeout=45"
     stages+=",model:compile=default:timeout=180,dali:hw=0.65:timeout=40,dali:hw=1.0:timeout=40"
     stages+=",e2e-dali:step=best:timeout=75,shards:hw=0.65:timeout=30,torchvision:batch=64:windows=2:timeout=60"

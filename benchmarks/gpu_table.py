@@ -3,10 +3,11 @@
 Reads what ``benchmarks/gpu_checks.sh`` left in OUT (``suite.jsonl``: one line per shell stage with
 its exit status, seconds and time box; ``pytest-gpu.txt``; ``throughput.json``, which
 ``benchmarks/throughput.py`` rewrites after every stage, so it holds the stages measured before an
-outer timeout too), prints one short Markdown table with the targets of issue 11 beside the figures,
+outer timeout too), prints one short Markdown table with the suite's targets beside the figures,
 and writes it as ``OUT/table.md`` and every figure it shows as ``OUT/summary.json``.
 
-Standard library only, so that it runs whatever the state of the machine (no torch import).
+Standard library only, so that it runs whatever the state of the machine (no torch import): the
+stage records are read with the helpers the benchmark's own report uses (``bench.table``).
 """
 from __future__ import annotations
 
@@ -15,11 +16,15 @@ import re
 import sys
 from pathlib import Path
 
-# Issue 11's targets for one GPU (H100/H200 class), printed beside the measured figures.
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench package beside this file
+
+from bench.table import best_rate, best_stage, describe_step, fmt, markdown_table, numbers, rate  # noqa: E402
+from bench.targets import TARGET_BYOL_8XV100  # noqa: E402
+
+# The suite's targets for one GPU (H100/H200 class), printed beside the measured figures.
 TARGET_E2E = 2000.0  # img/s, BYOL ResNet-50 224 px end to end
 TARGET_E2E_VS_STEP = 0.97  # end to end / the same step alone: the loader costs the step < 3%
 TARGET_DATA_WAIT = 0.03  # share of step time waiting for data
-TARGET_8XV100 = 3121.0  # docs/reference.md section 2 (throughput.json carries it too)
 MEASUREMENT_OPTIONS = ("timeout", "windows", "window_seconds", "warmup")  # how, not what: left out of names
 
 
@@ -64,22 +69,11 @@ def pct(x: float | None) -> str:
 
 
 def num(x: float | None, digits: int = 0) -> str:
-    return "-" if x is None else f"{x:,.{digits}f}"
+    return fmt(x, f",.{digits}f")
 
 
 def verdict(ok: bool | None) -> str:
     return "" if ok is None else (" (met)" if ok else " (missed)")
-
-
-def describe_step(step: dict | None) -> str:
-    if not step:
-        return ""
-    return (f"{step['backbone']} {step['image_size']} px, batch {step['batch']}, "
-            f"{'compile ' + step['compile'] if step['compile'] else 'eager'}, {step['precision']}")
-
-
-def rate(st: dict | None) -> float | None:
-    return st["img_per_s"]["median"] if st and st.get("img_per_s") else None
 
 
 def setting(st: dict, result: dict) -> str:
@@ -116,58 +110,77 @@ def memory(st: dict) -> str:
     return f"peak host {st['host_peak_rss_gb']:.1f} GB" if st.get("host_peak_rss_gb") else ""
 
 
+def model_note(st: dict, result: dict) -> list[str]:
+    """A compiled step against the eager one of the same signature, its compile time; skipped steps."""
+    parts = []
+    if st["step"]["compile"]:
+        eager = best_stage(result["stages"], "model", lambda o: o.get("step") == {**st["step"], "compile": False})
+        if eager:
+            parts.append(f"{rate(st) / rate(result['stages'][eager]):.2f}x eager")
+        parts.append(f"warm-up (compile) {st['warmup_seconds']:.0f} s")
+    if st.get("skipped_steps"):
+        parts.append(f"{st['skipped_steps']} non-finite steps skipped")
+    return parts
+
+
+def fed_note(st: dict, result: dict) -> list[str]:
+    """An end-to-end stage against its step alone (for e2e-linear, the fastest linear stage), and its data wait."""
+    if st["stage"] == "e2e-linear":
+        step = best_rate(result["stages"], "linear")
+        alone = rate(st) / step if step else None
+    else:
+        alone = st.get("vs_step_alone")
+    parts = [] if alone is None else [f"e2e/step alone {alone:.3f}"]
+    if st.get("data_wait_fraction") is not None:
+        parts.append(f"data wait {pct(st['data_wait_fraction'])}")
+    return parts
+
+
+def torchvision_note(st: dict, result: dict) -> list[str]:
+    dali = best_rate(result["stages"], "dali")
+    return [f"DALI / this: {dali / rate(st):.1f}x"] if dali else []
+
+
+def dali_note(st: dict, result: dict) -> list[str]:
+    step = best_rate(result["stages"], "model")
+    return [f"{rate(st) / step:.1f}x the fastest step"] if step else []
+
+
+def shards_note(st: dict, result: dict) -> list[str]:
+    """Shards against the files of the same reader settings, and the packing."""
+    parts = []
+    if st.get("vs_files") is not None:
+        parts.append(f"shards / files ({name_of(st['files_stage'])}) {st['vs_files']:.3f}")
+    if st.get("packed_here") and st.get("pack_mb_per_s") is not None:
+        parts.append(f"packed {st['packed_bytes'] / 1e6:,.0f} MB at {st['pack_mb_per_s']:,.0f} MB/s")
+    return parts
+
+
+def checkpoint_note(st: dict, result: dict) -> list[str]:
+    """The checkpoint stage's figures: the two pauses and their ratio, else every number as it came."""
+    f, ratio = st.get("checkpoint") or {}, result["ratios"].get("checkpoint_pause_ratio")
+    if not all(isinstance(f.get(k), (int, float)) for k in ("pause_s", "sync_s")):
+        return [numbers(f, ".3g")]  # another set of keys than checkpoint_pause.measure's
+    parts = [f"training pauses {f['pause_s']:.3f} s (background writer) vs {f['sync_s']:.3f} s "
+             f"(synchronous save): ratio {num(ratio, 3)}"]
+    if isinstance(f.get("write_s"), (int, float)):
+        parts.append(f"background write {f['write_s']:.2f} s")
+    return parts
+
+
+# What the note column says of each stage besides its time box and memory.
+STAGE_NOTES = {"model": model_note, "e2e-dali": fed_note, "e2e-torchvision": fed_note, "e2e-linear": fed_note,
+               "torchvision": torchvision_note, "dali": dali_note, "shards": shards_note,
+               "checkpoint": checkpoint_note}
+
+
 def note(key: str, st: dict, result: dict) -> str:
     """The ratio or note column of one throughput stage."""
-    stages, name = result["stages"], st.get("stage")
     if st.get("status", "ok") != "ok":
         extra = f"; {memory(st)}" if st.get("status") == "out of memory" and memory(st) else ""
         return (st.get("error") or st.get("status")) + extra
-    parts = []
-    if name == "model":
-        if st["step"]["compile"]:
-            eager = next((k for k, o in stages.items() if o.get("stage") == "model" and rate(o)
-                          and o.get("step") == {**st["step"], "compile": False}), None)
-            if eager:
-                parts.append(f"{rate(st) / rate(stages[eager]):.2f}x eager")
-            parts.append(f"warm-up (compile) {st['warmup_seconds']:.0f} s")
-        if st.get("skipped_steps"):
-            parts.append(f"{st['skipped_steps']} non-finite steps skipped")
-    elif name in ("e2e-dali", "e2e-torchvision"):
-        r = st.get("vs_step_alone")
-        if r is not None:
-            parts.append(f"e2e/step alone {r:.3f}")
-        if st.get("data_wait_fraction") is not None:
-            parts.append(f"data wait {pct(st['data_wait_fraction'])}")
-    elif name == "e2e-linear":
-        lin = max((rate(o) for o in stages.values() if o.get("stage") == "linear" and rate(o)), default=None)
-        if lin:
-            parts.append(f"e2e/step alone {rate(st) / lin:.3f}")
-        if st.get("data_wait_fraction") is not None:
-            parts.append(f"data wait {pct(st['data_wait_fraction'])}")
-    elif name == "torchvision":
-        dali = max((rate(o) for o in stages.values() if o.get("stage") == "dali" and rate(o)), default=None)
-        if dali:
-            parts.append(f"DALI / this: {dali / rate(st):.1f}x")
-    elif name == "shards":
-        if st.get("vs_files") is not None:
-            parts.append(f"shards / files ({name_of(st['files_stage'])}) {st['vs_files']:.3f}")
-        if st.get("packed_here") and st.get("pack_mb_per_s") is not None:
-            parts.append(f"packed {st['packed_bytes'] / 1e6:,.0f} MB at {st['pack_mb_per_s']:,.0f} MB/s")
-    elif name == "dali":
-        step = max((rate(o) for o in stages.values() if o.get("stage") == "model" and rate(o)), default=None)
-        if step:
-            parts.append(f"{rate(st) / step:.1f}x the fastest step")
-    elif name == "checkpoint":
-        f = st.get("checkpoint") or {}
-        ratio = result["ratios"].get("checkpoint_pause_ratio")
-        if all(isinstance(f.get(k), (int, float)) for k in ("pause_s", "sync_s")):
-            parts.append(f"training pauses {f['pause_s']:.3f} s (background writer) vs {f['sync_s']:.3f} s "
-                         f"(synchronous save): ratio {num(ratio, 3)}")
-            if isinstance(f.get("write_s"), (int, float)):
-                parts.append(f"background write {f['write_s']:.2f} s")
-        else:  # another set of keys: all the numbers, as they came
-            parts.append(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in f.items()
-                                   if isinstance(v, (int, float))))
+    stage_note = STAGE_NOTES.get(st.get("stage"))
+    parts = stage_note(st, result) if stage_note else []
     if st.get("windows_cut_short"):
         parts.append(f"{len(st['img_per_s']['windows'])} windows (time box)")
     if memory(st):
@@ -210,12 +223,12 @@ def build(out: Path) -> tuple[str, dict]:
                                                 "error": st.get("error"), "setting": setting(st, result),
                                                 "note": note(k, st, result)} for k, st in stages.items()}}
 
-    lines = [f"## {head}", "", "| stage | setting | img/s (median) | ratio / note |", "|---|---|---:|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines = [f"## {head}", ""]
+    lines += markdown_table(("stage", "setting", "img/s (median)", "ratio / note"), rows, right=(2,))
 
     if result is not None:
         stages = result["stages"]
-        target = result.get("targets", {}).get("byol_8xV100", TARGET_8XV100)
+        target = result.get("targets", {}).get("byol_8xV100", TARGET_BYOL_8XV100)
         e2e = [st for st in stages.values() if st.get("stage") == "e2e-dali" and rate(st)]
         best_e2e = max(e2e, key=rate, default=None)
         vs = best_e2e.get("vs_step_alone") if best_e2e else None

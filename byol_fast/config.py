@@ -360,9 +360,10 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def parse_overrides(args: list[str]) -> dict:
-    """``['--optim.lr=0.3', '--epochs', '5']`` -> ``{'optim': {'lr': 0.3}, 'epochs': 5}``."""
-    out: dict = {}
+def split_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``['--optim.lr=0.3', '--epochs', '5']`` -> ``[('optim.lr', '0.3'), ('epochs', '5')]``: each
+    key with its value as written (``--key=value`` or ``--key value``)."""
+    pairs = []
     i = 0
     while i < len(args):
         arg = args[i]
@@ -375,6 +376,15 @@ def parse_overrides(args: list[str]) -> dict:
             i += 1
         else:
             raise ConfigError(f"{arg}: missing a value")
+        pairs.append((key, raw))
+        i += 1
+    return pairs
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--optim.lr=0.3', '--epochs', '5']`` -> ``{'optim': {'lr': 0.3}, 'epochs': 5}``."""
+    out: dict = {}
+    for key, raw in split_overrides(args):
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
@@ -386,7 +396,6 @@ def parse_overrides(args: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"--{key}: '{p}' is given both as a value and as a section")
         node[parts[-1]] = value
-        i += 1
     return out
 
 

@@ -37,7 +37,7 @@ from unittest import mock
 import pytest
 from conftest import ROOT
 
-from byol_fast.config import Config, FinetuneConfig, LinearConfig, load_config
+from byol_fast.config import Config, FinetuneConfig, LinearConfig, load_config, split_overrides
 from byol_fast.errors import ConfigError
 
 COMMANDS = ("train", "linear_eval", "finetune", "export", "convert", "predict", "dense_probe", "data", "launch")
@@ -134,21 +134,10 @@ def check_overrides(schema: type, config_path: str | None, rest: list[str]) -> l
         config_path = None
     if config_path and not (ROOT / config_path).is_file():
         return [f"--config {config_path}: no such file"]
-    pairs = []  # (key, the value as written)
-    i = 0
-    while i < len(rest):
-        arg = rest[i]
-        if not arg.startswith("--"):
-            return [f"unexpected argument {arg!r}"]
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-        elif i + 1 < len(rest):
-            key, raw = arg[2:], rest[i + 1]
-            i += 1
-        else:
-            return [f"{arg}: missing a value"]
-        pairs.append((key, raw))
-        i += 1
+    try:
+        pairs = split_overrides(rest)  # (key, the value as written)
+    except ConfigError as e:
+        return [str(e)]
     known = config_keys(schema)
     for key, raw in pairs:
         if key not in known:

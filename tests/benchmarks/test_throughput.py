@@ -34,6 +34,14 @@ NOT_MEASURED_HERE = {"compiled_vs_eager_step"}
 
 pytest.importorskip("nvidia.dali")
 
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the bench package, as benchmarks/throughput.py finds it
+from bench import settings, timebox, timing  # noqa: E402
+from bench.entries import STAGES, parse_stage, stage_overrides  # noqa: E402
+from bench.runner import RunState, run_stage  # noqa: E402
+from bench.stages import RUNNERS  # noqa: E402
+from bench.stages.context import Shared  # noqa: E402
+from byol_fast.errors import ConfigError  # noqa: E402
+
 
 def parse_table(text: str) -> dict[str, dict]:
     """Rows of the results table: stage -> {median, min, max, wait}."""
@@ -67,6 +75,7 @@ def run(tmp_path_factory):
     return proc.stdout, json.loads((out / "r.json").read_text()), out
 
 
+@pytest.mark.slow
 def test_every_stage_has_finite_positive_figures(run):
     _, result, _ = run
     assert list(result["stages"]) == ALL_STAGES and result["complete"] is True
@@ -89,6 +98,7 @@ def test_every_stage_has_finite_positive_figures(run):
             assert value is not None and math.isfinite(value) and value > 0, key
 
 
+@pytest.mark.slow
 def test_settings_and_environment_are_recorded(run):
     _, result, _ = run
     cfg = result["config"]
@@ -102,6 +112,7 @@ def test_settings_and_environment_are_recorded(run):
     assert result["dataset"]["num_images"] == 40
 
 
+@pytest.mark.slow
 def test_reader_options_reach_the_linear_stage(run):
     """--prefetch lands in the reader section, which every loader takes whole: the linear loader too."""
     _, result, _ = run
@@ -111,6 +122,7 @@ def test_reader_options_reach_the_linear_stage(run):
     assert linear["error"] is None and linear["img_per_s"]["median"] > 0
 
 
+@pytest.mark.slow
 def test_printed_table_matches_json(run):
     stdout, result, _ = run
     rows = parse_table(stdout)
@@ -132,11 +144,13 @@ def test_printed_table_matches_json(run):
         stages["dali"]["img_per_s"]["median"] / stages["torchvision"]["img_per_s"]["median"])
 
 
+@pytest.mark.slow
 def test_plot_is_a_png(run):
     _, _, out = run
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_variants_and_the_best_step(run):
     """A variant runs its own setting; step=best runs the fastest model variant's step (its very
     learner, kept warm) and is compared with that step alone; the 8x V100 comparison names the best
@@ -161,6 +175,7 @@ def test_variants_and_the_best_step(run):
     assert "| model:batch=4 |" in stdout
 
 
+@pytest.mark.slow
 def test_the_pixpro_step_is_measured_beside_the_instance_step(run):
     """model:loss=pixpro runs PixPro's step (pixel head, propagation, pairs from synthetic crop
     windows) at the model stage's settings; its ratio to the instance step is reported, and it is
@@ -174,6 +189,7 @@ def test_the_pixpro_step_is_measured_beside_the_instance_step(run):
     assert stages["e2e-dali:step=best"]["step"]["loss"] == "instance"
 
 
+@pytest.mark.slow
 def test_shards_stage_reads_the_files_of_the_dali_stage_as_shards(run):
     """The shards stage packs the very images the dali stage reads (counted here from a fresh index of
     the generated folder), records the packing, reads them through the same DALI pipeline and is
@@ -200,6 +216,7 @@ def test_shards_stage_reads_the_files_of_the_dali_stage_as_shards(run):
     assert not list((out / "bench_data" / "scratch").glob("shards_*"))  # removed at the end of the run
 
 
+@pytest.mark.slow
 def test_checkpoint_stage(run):
     """The checkpoint stage hands the BYOL learner's state to checkpoint_pause.measure and keeps what
     it returns; the pause ratio is read from it."""
@@ -219,44 +236,45 @@ def test_checkpoint_stage(run):
 
 @pytest.fixture(scope="module")
 def tp():
-    """benchmarks/throughput.py as a module."""
+    """benchmarks/throughput.py as a module: the command line and main()."""
     spec = importlib.util.spec_from_file_location("throughput_under_test", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def stand_in_run(tp, stages: list[str], *extra: str, budget: float | None = None) -> dict:
-    """The ``run`` that main() hands run_stage, for stages whose work a test replaces."""
+def stand_in_run(tp, stages: list[str], *extra: str, budget: float | None = None) -> RunState:
+    """The run state the run loop hands run_stage, for stages whose work a test replaces."""
     args, over = tp.parse_args(["--device", "cpu", "--stages", ",".join(stages), "--batch", "8", "--image-size", "32",
-                                "--windows", "2", "--window-seconds", "0.05", "--warmup", "0", *extra])
-    s = tp.resolve(args)
-    s["time_budget"] = budget
-    return {"settings": s, "stages": {}, "config": lambda o: tp.build_config(args, s, over, o),
-            "shared": {"index": None, "kept": None, "scratch": None},
-            "budget_end": time.monotonic() + budget if budget is not None else None}
+                                "--windows", "2", "--window-seconds", "0.05", "--warmup", "0", *extra]
+                               + ([] if budget is None else ["--time-budget", str(budget)]))
+    options = settings.from_args(args, over)
+    assert options.settings.time_budget == budget
+    return RunState(options.settings, options.recipe, Shared(index=None, scratch=None),
+                    budget_end=time.monotonic() + budget if budget is not None else None)
 
 
 def test_stage_entries_are_checked(tp):
-    assert tp.parse_stage("model:batch=384:compile=max-autotune-no-cudagraphs:timeout=rest") == (
+    assert list(RUNNERS) == list(STAGES)  # every stage runs something, in the order they are listed
+    assert parse_stage("model:batch=384:compile=max-autotune-no-cudagraphs:timeout=rest") == (
         "model", {"batch": 384, "compile": "max-autotune-no-cudagraphs", "timeout": "rest"})
-    assert tp.parse_stage("dali:hw=1.0") == ("dali", {"hw": 1.0})
-    assert tp.parse_stage("shards:shard_size=64MB:threads=2") == ("shards", {"shard_size": 64 * 10**6, "threads": 2})
-    assert tp.stage_overrides({"batch": 384, "compile": False, "hw": 0.5}) == {
+    assert parse_stage("dali:hw=1.0") == ("dali", {"hw": 1.0})
+    assert parse_stage("shards:shard_size=64MB:threads=2") == ("shards", {"shard_size": 64 * 10**6, "threads": 2})
+    assert stage_overrides({"batch": 384, "compile": False, "hw": 0.5}) == {
         "optim": {"batch_size": 384}, "compile": False, "reader": {"hw_decoder_load": 0.5}}
     # --compile-mode passes through to the config as --compile does, and implies it
     args, over = tp.parse_args(["--device", "cpu", "--compile-mode", "max-autotune-no-cudagraphs"])
-    s = tp.resolve(args)
-    cfg = tp.build_config(args, s, over)
-    assert cfg.compile is True and cfg.compile_mode == "max-autotune-no-cudagraphs" and s["warmup"] == 10
-    cfg = tp.build_config(args, s, over, tp.stage_overrides({"compile": False}))
+    options = settings.from_args(args, over)
+    cfg = options.recipe.config()
+    assert cfg.compile is True and cfg.compile_mode == "max-autotune-no-cudagraphs" and options.settings.warmup == 10
+    cfg = options.recipe.config(stage_overrides({"compile": False}))
     assert cfg.compile is False  # a variant can turn it off again
     for bad, words in [("modle", "unknown stage"), ("model:hw=1.0", "does not apply"), ("dali:hw=1.5", "must be in"),
                        ("e2e-dali:step=worst", "only 'best'"), ("model:size=3", "not key=value"),
                        ("model:batch=0", ">= 1"), ("shards:shard_size=big", "not a size"),
                        ("dali:shard_size=64MB", "does not apply")]:
-        with pytest.raises(tp.ConfigError, match=words):
-            tp.parse_stage(bad)
+        with pytest.raises(ConfigError, match=words):
+            parse_stage(bad)
 
 
 def test_a_bad_compile_mode_stops_before_any_work(tp, tmp_path, capsys):
@@ -272,16 +290,16 @@ def test_out_of_memory_is_recorded_and_the_next_stage_runs(tp, monkeypatch):
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(tp, "stage_model", oom)
+    monkeypatch.setitem(RUNNERS, "model", oom)
     run = stand_in_run(tp, ["model:batch=512"])
-    st = tp.run_stage("model:batch=512", run, torch.device("cpu"))
+    st = run_stage("model:batch=512", run, torch.device("cpu"))
     assert st["status"] == "out of memory" and st["img_per_s"] is None
     assert st["error"] == "CUDA out of memory at batch 512" and "Tried to allocate" in st["error_detail"]
     # wrapped by another library's error (torch.compile does so), it is still an OOM
-    assert tp._is_oom(RuntimeError("backend failed")) is False
+    assert timebox.is_oom(RuntimeError("backend failed")) is False
     wrapped = RuntimeError("backend compiler failed")
     wrapped.__cause__ = torch.cuda.OutOfMemoryError("CUDA out of memory.")
-    assert tp._is_oom(wrapped)
+    assert timebox.is_oom(wrapped)
 
 
 def test_a_stage_past_its_time_box_says_so(tp, monkeypatch):
@@ -291,15 +309,15 @@ def test_a_stage_past_its_time_box_says_so(tp, monkeypatch):
         try:
             while True:
                 time.sleep(0.01)
-        except tp.StageTimeout:
+        except timebox.StageTimeout:
             pass  # as a weakref callback or a __del__ would: the next ring gets through
         while True:
             time.sleep(0.01)
 
-    monkeypatch.setattr(tp, "stage_model", stuck)
+    monkeypatch.setitem(RUNNERS, "model", stuck)
     run = stand_in_run(tp, ["model:timeout=0.3"])
     t = time.monotonic()
-    st = tp.run_stage("model:timeout=0.3", run, torch.device("cpu"))
+    st = run_stage("model:timeout=0.3", run, torch.device("cpu"))
     assert st["status"] == "timed out" and st["error"] == "timed out after 0.3 s" and st["time_box_s"] == 0.3
     assert time.monotonic() - t < 5
 
@@ -307,22 +325,22 @@ def test_a_stage_past_its_time_box_says_so(tp, monkeypatch):
 def test_the_budget_cuts_boxes_and_skips_stages_it_cannot_fit(tp, monkeypatch):
     run = stand_in_run(tp, ["model:timeout=100", "dali:timeout=rest", "linear"], "--stage-reserve", "4", budget=30)
     # the first keeps 4 s for linear, none for the rest-stage; the rest-stage keeps 4 s for linear
-    assert tp.time_box(run, "model:timeout=100") == pytest.approx(26, abs=0.5)
-    assert tp.time_box(run, "dali:timeout=rest") == pytest.approx(26, abs=0.5)
-    assert tp.time_box(run, "linear") == pytest.approx(30, abs=0.5)
-    run["budget_end"] = time.monotonic() + 2  # 2 s left: under MIN_STAGE_SECONDS
-    monkeypatch.setattr(tp, "stage_linear", lambda *a: pytest.fail("a stage without time must not start"))
-    st = tp.run_stage("linear", run, torch.device("cpu"))
+    assert timebox.time_box(run.settings, "model:timeout=100", run.budget_end) == pytest.approx(26, abs=0.5)
+    assert timebox.time_box(run.settings, "dali:timeout=rest", run.budget_end) == pytest.approx(26, abs=0.5)
+    assert timebox.time_box(run.settings, "linear", run.budget_end) == pytest.approx(30, abs=0.5)
+    run.budget_end = time.monotonic() + 2  # 2 s left: under MIN_STAGE_SECONDS
+    monkeypatch.setitem(RUNNERS, "linear", lambda *a: pytest.fail("a stage without time must not start"))
+    st = run_stage("linear", run, torch.device("cpu"))
     assert st["status"] == "skipped" and st["error"].startswith("not run: 2 s of the time budget")
 
 
 def test_a_window_cut_by_the_box_keeps_the_figures_measured(tp):
     """Windows shrink to fit the box; with no room for one, the calibration steps are the figure."""
-    s = {"warmup": 0, "windows": 3, "window_seconds": 10.0, "deadline": time.monotonic() + 1.5}
-    out = tp.measure(lambda: time.sleep(0.01), 1, lambda: None, s, "t")
-    assert len(out["img_per_s"]["windows"]) >= 1 and time.monotonic() < s["deadline"] + 0.5
-    s = {"warmup": 0, "windows": 3, "window_seconds": 10.0, "deadline": time.monotonic() + 0.2}
-    out = tp.measure(lambda: time.sleep(0.05), 1, lambda: None, s, "t")
+    plan = timing.Plan(warmup=0, windows=3, window_seconds=10.0, deadline=time.monotonic() + 1.5)
+    out = timing.measure(lambda: time.sleep(0.01), 1, lambda: None, plan, "t")
+    assert len(out["img_per_s"]["windows"]) >= 1 and time.monotonic() < plan.deadline + 0.5
+    plan = timing.Plan(warmup=0, windows=3, window_seconds=10.0, deadline=time.monotonic() + 0.2)
+    out = timing.measure(lambda: time.sleep(0.05), 1, lambda: None, plan, "t")
     assert out["windows_cut_short"] and len(out["img_per_s"]["windows"]) == 1
     assert out["img_per_s"]["median"] == pytest.approx(20, rel=0.5)
 
@@ -330,6 +348,7 @@ def test_a_window_cut_by_the_box_keeps_the_figures_measured(tp):
 # ---------------------------------------------------------------------------- the suite's table
 
 
+@pytest.mark.slow
 def test_suite_table_from_the_run(run, tmp_path):
     """benchmarks/gpu_table.py reads what gpu_checks.sh leaves under $OUT: one row per stage, the
     targets beside the figures, the stages a killed process never reached, and summary.json."""
@@ -361,11 +380,20 @@ def test_suite_table_from_the_run(run, tmp_path):
     assert summary["throughput"]["complete"] is False and summary["wall_seconds"] == 420
 
 
+def test_the_suite_table_needs_no_torch():
+    """gpu_table.py, with the bench.table it shares, imports the standard library alone: it must run
+    whatever the state of the lent machine."""
+    code = "import sys; import gpu_table; assert 'torch' not in sys.modules, 'torch imported'"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "benchmarks", capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_suite_script_parses():
     proc = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_checks.sh")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.slow
 def test_a_failing_stage_is_reported_and_the_others_still_run(tmp_path):
     """A stage that cannot run (here bf16 on a CPU fails the model stage) is marked missing,
     in the table and the JSON, and the run still measures the others (exit status 1)."""
