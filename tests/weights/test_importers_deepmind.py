@@ -45,6 +45,42 @@ def pad_same(x, k: int, s: int, value: float = 0.0):
     return F.pad(x, (left, right, top, bottom), value=value)
 
 
+def resnet_v1(x, conv, bn, stem: tuple[str, str], blocks: list) -> torch.Tensor:
+    """A ResNet v1 in eval mode, computed from its parts: ``conv(h, name, stride)`` and ``bn(h, name)``
+    read one layer's weights; ``stem`` names the 7x7 convolution and its batch norm; each block is
+    (its convolutions as (conv, bn, stride), its shortcut projection as (conv, bn, stride) or None).
+    The max pool is padded the TensorFlow way; features are the global average."""
+    h = F.relu(bn(conv(x, stem[0], 2), stem[1]))
+    h = F.max_pool2d(pad_same(h, 3, 2, float("-inf")), 3, 2)
+    for convs, shortcut in blocks:
+        skip = h if shortcut is None else bn(conv(h, shortcut[0], shortcut[2]), shortcut[1])
+        for i, (c, b, stride) in enumerate(convs):
+            h = bn(conv(h, c, stride), b)
+            if i < len(convs) - 1:
+                h = F.relu(h)
+        h = F.relu(h + skip)
+    return h.mean(dim=(2, 3))
+
+
+def residual_blocks(name, has, conv_bn, projection, strided) -> list:
+    """The blocks of a four-stage ResNet v1 for :func:`resnet_v1`, read from its names: ``name(stage, b)``
+    is block b's prefix, ``has(block, i)`` whether its i-th convolution (from 0) exists, ``conv_bn(block, i)``
+    the names of that convolution and its batch norm, ``projection(block)`` the shortcut's (or None),
+    ``strided(n)`` which convolution of an n-convolution block carries the stage's stride."""
+    blocks = []
+    for stage in range(4):
+        b = 0
+        while has(name(stage, b), 0):
+            block = name(stage, b)
+            stride = 2 if stage > 0 and b == 0 else 1
+            n = 3 if has(block, 2) else 2
+            shortcut = projection(block)
+            blocks.append(([(*conv_bn(block, i), stride if i == strided(n) else 1) for i in range(n)],
+                           shortcut and (*shortcut, stride)))
+            b += 1
+    return blocks
+
+
 def haiku_forward(params: dict, state: dict, net: str, x: torch.Tensor) -> torch.Tensor:
     """DeepMind's ResNetTorso + Haiku's BlockV1 in eval mode, on the Haiku arrays themselves:
     SAME-padded convolutions and max pool, batch norm from the EMA averages."""
@@ -61,24 +97,12 @@ def haiku_forward(params: dict, state: dict, net: str, x: torch.Tensor) -> torch
         return (h - mean) * (scale * torch.rsqrt(var + EPS)) + offset
 
     stem = next(m for m in params if m.startswith(f"{net}/~/initial_conv"))
-    h = F.relu(bn(conv(x, stem, 2), f"{net}/~/initial_batchnorm"))
-    h = F.max_pool2d(pad_same(h, 3, 2, float("-inf")), 3, 2)
-    for g in range(4):
-        b = 0
-        while f"{net}/~/block_group_{g}/~/block_{b}/~/conv_0" in params:
-            block = f"{net}/~/block_group_{g}/~/block_{b}/~/"
-            stride = 2 if g > 0 and b == 0 else 1
-            shortcut = h
-            if block + "shortcut_conv" in params:
-                shortcut = bn(conv(h, block + "shortcut_conv", stride), block + "shortcut_batchnorm")
-            n = 3 if block + "conv_2" in params else 2
-            for i in range(n):
-                h = bn(conv(h, block + f"conv_{i}", stride if i == 1 else 1), block + f"batchnorm_{i}")
-                if i < n - 1:
-                    h = F.relu(h)
-            h = F.relu(h + shortcut)
-            b += 1
-    return h.mean(dim=(2, 3))
+    blocks = residual_blocks(
+        lambda g, b: f"{net}/~/block_group_{g}/~/block_{b}/~/", lambda block, i: f"{block}conv_{i}" in params,
+        lambda block, i: (f"{block}conv_{i}", f"{block}batchnorm_{i}"),
+        lambda block: (block + "shortcut_conv", block + "shortcut_batchnorm") if block + "shortcut_conv" in params else None,
+        strided=lambda n: 1)
+    return resnet_v1(x, conv, bn, (stem, f"{net}/~/initial_batchnorm"), blocks)
 
 
 def tf_forward(state: dict, x: torch.Tensor) -> torch.Tensor:
@@ -92,25 +116,12 @@ def tf_forward(state: dict, x: torch.Tensor) -> torch.Tensor:
         c = lambda name: state[f"{key}.{name}"].to(x.dtype).view(1, -1, 1, 1)  # noqa: E731
         return (h - c("running_mean")) * (c("weight") * torch.rsqrt(c("running_var") + EPS)) + c("bias")
 
-    h = F.relu(bn(conv(x, "conv1", 2), "bn1"))
-    h = F.max_pool2d(pad_same(h, 3, 2, float("-inf")), 3, 2)
-    for layer in range(1, 5):
-        b = 0
-        while f"layer{layer}.{b}.conv1.weight" in state:
-            block = f"layer{layer}.{b}."
-            stride = 2 if layer > 1 and b == 0 else 1
-            shortcut = h
-            if block + "downsample.0.weight" in state:
-                shortcut = bn(conv(h, block + "downsample.0", stride), block + "downsample.1")
-            n = 3 if block + "conv3.weight" in state else 2
-            strided = 2 if n == 3 else 1
-            for i in range(1, n + 1):
-                h = bn(conv(h, block + f"conv{i}", stride if i == strided else 1), block + f"bn{i}")
-                if i < n:
-                    h = F.relu(h)
-            h = F.relu(h + shortcut)
-            b += 1
-    return h.mean(dim=(2, 3))
+    blocks = residual_blocks(
+        lambda g, b: f"layer{g + 1}.{b}.", lambda block, i: f"{block}conv{i + 1}.weight" in state,
+        lambda block, i: (f"{block}conv{i + 1}", f"{block}bn{i + 1}"),
+        lambda block: (block + "downsample.0", block + "downsample.1") if block + "downsample.0.weight" in state else None,
+        strided=lambda n: 1 if n == 3 else 0)
+    return resnet_v1(x, conv, bn, ("conv1", "bn1"), blocks)
 
 
 def random_state(name: str, seed: int = 0) -> dict:

@@ -199,26 +199,40 @@ def _check_features(src, out, online):
     return written
 
 
-def test_byol_pytorch_converts_the_online_backbone(tmp_path, nets, capsys):
-    online, target = nets
-    src = byol_pytorch_file(tmp_path / "resnet18_byol_imagenet2012.pth.tar", online, target)
+def _convert_and_check(src, tmp_path, capsys, online, layout: str, dropped_for: tuple[str, ...]):
+    """``convert`` of ``src`` reports the layout, the 120 tensors of resnet18's backbone (20 convs + 20
+    batch norms x 5) and why each other part was dropped; the written encoder gives the source's
+    features. Returns the written state."""
     out = tmp_path / "encoder.pt"
     assert convert_main([str(src), "--out", str(out)]) == 0
     report = capsys.readouterr().out
-    assert "byol-pytorch: mapped 120 backbone tensors" in report  # resnet18: 20 convs + 20 batch norms x 5
-    for why in ("projector", "predictor", "target network", "optimizer"):
+    assert f"{layout}: mapped 120 backbone tensors" in report
+    for why in dropped_for:
         assert why in report
-    written = _check_features(src, out, online)
+    return _check_features(src, out, online)
+
+
+def test_byol_pytorch_converts_the_online_backbone(tmp_path, nets, capsys):
+    online, target = nets
+    src = byol_pytorch_file(tmp_path / "resnet18_byol_imagenet2012.pth.tar", online, target)
+    written = _convert_and_check(src, tmp_path, capsys, online, "byol-pytorch",
+                                 ("projector", "predictor", "target network", "optimizer"))
     assert int(written["bn1.num_batches_tracked"]) == 1234  # torch's own counter, carried over
+
+
+def _converted(src, layout: str, online):
+    """(the file's object, its conversion), checked to be ``layout``'s, torchvision-padded, with every
+    tensor of the online backbone mapped and nothing else."""
+    obj = ckpt.load(src)
+    converted = importers.convert(obj, str(src))
+    assert converted.layout == layout and converted.padding == "torchvision" and not converted.unmapped
+    assert set(converted.state) == set(_backbone(online))
+    return obj, converted
 
 
 def test_byol_pytorch_dropped(tmp_path, nets):
     online, target = nets
-    src = byol_pytorch_file(tmp_path / "r.pth.tar", online, target)
-    obj = ckpt.load(src)
-    converted = importers.convert(obj, str(src))
-    assert converted.layout == "byol-pytorch" and converted.padding == "torchvision" and not converted.unmapped
-    assert set(converted.state) == set(_backbone(online))
+    obj, converted = _converted(byol_pytorch_file(tmp_path / "r.pth.tar", online, target), "byol-pytorch", online)
     dropped = converted.dropped
     assert dropped["target_backbone.module.conv1.weight"] == "target network"
     assert dropped["target_projection.module.l1.weight"] == "target network"
@@ -235,24 +249,15 @@ def test_byol_pytorch_dropped(tmp_path, nets):
 def test_passl_converts_the_online_backbone(tmp_path, nets, capsys, protocol):
     online, target = nets
     src = passl_file(tmp_path / "byol_r18_300.pdparams", online, target, protocol)
-    out = tmp_path / "encoder.pt"
-    assert convert_main([str(src), "--out", str(out)]) == 0
-    report = capsys.readouterr().out
-    assert "passl: mapped 120 backbone tensors" in report
-    for why in ("projector", "predictor", "target network", "optimizer", "classifier"):
-        assert why in report
-    written = _check_features(src, out, online)
+    written = _convert_and_check(src, tmp_path, capsys, online, "passl",
+                                 ("projector", "predictor", "target network", "optimizer", "classifier"))
     assert written["bn1.num_batches_tracked"].dtype == torch.int64 and int(written["bn1.num_batches_tracked"]) == 0
 
 
 def test_passl_dropped_and_created(tmp_path, nets):
     online, target = nets
-    src = passl_file(tmp_path / "byol_r18_300.pdparams", online, target)
-    obj = ckpt.load(src)
-    converted = importers.convert(obj, str(src))
-    assert converted.layout == "passl" and converted.padding == "torchvision" and not converted.unmapped
+    obj, converted = _converted(passl_file(tmp_path / "byol_r18_300.pdparams", online, target), "passl", online)
     state = converted.state
-    assert set(state) == set(_backbone(online))
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert state["layer1.0.conv1.weight"].dtype == torch.float32
     counters = [k for k in state if k.endswith("num_batches_tracked")]
@@ -320,23 +325,24 @@ def test_passl_missing_tensor_is_named(tmp_path, nets, capsys):
         importers.convert(ckpt.load(src), str(src))
 
 
-def test_passl_alias_that_differs_is_refused(tmp_path, nets):
+def _alias_differs(model):
+    model["towers.0.0.layer1.0.bn1.weight"] = model["towers.0.0.layer1.0.bn1.weight"] + 1
+
+
+def _unknown_leaf(model):
+    model["backbone.layer1.0.bn1._weird"] = np.zeros(64, np.float32)
+
+
+@pytest.mark.parametrize("change,refusal", [
+    (_alias_differs, r"towers\.0\.0\.layer1\.0\.bn1\.weight"),  # the alias differs from the tower it names
+    (_unknown_leaf, r"no torchvision name: backbone\.layer1\.0\.bn1\._weird"),  # a backbone leaf with no torchvision name
+])
+def test_passl_files_that_do_not_fit_are_refused_naming_the_tensor(tmp_path, nets, change, refusal):
     online, target = nets
     src = tmp_path / "c.pdparams"
     model = passl_model(online, target)
-    model["towers.0.0.layer1.0.bn1.weight"] = model["towers.0.0.layer1.0.bn1.weight"] + 1
+    change(model)
     with open(src, "wb") as f:
         pickle.dump({"epoch": 1, "state_dict": model, "optimizer": {}, "lr_sheduer": {}}, f, protocol=2)
-    with pytest.raises(CheckpointError, match=r"towers\.0\.0\.layer1\.0\.bn1\.weight"):
-        importers.convert(ckpt.load(src), str(src))
-
-
-def test_passl_unknown_backbone_leaf_is_unmapped(tmp_path, nets):
-    online, target = nets
-    src = tmp_path / "d.pdparams"
-    model = passl_model(online, target)
-    model["backbone.layer1.0.bn1._weird"] = np.zeros(64, np.float32)
-    with open(src, "wb") as f:
-        pickle.dump({"epoch": 1, "state_dict": model}, f, protocol=2)
-    with pytest.raises(CheckpointError, match=r"no torchvision name: backbone\.layer1\.0\.bn1\._weird"):
+    with pytest.raises(CheckpointError, match=refusal):
         importers.convert(ckpt.load(src), str(src))
