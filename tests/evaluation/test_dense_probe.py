@@ -1,4 +1,4 @@
-"""The dense probe (issue 14): mean IoU against a hand count, the dense demo's images against their
+"""The dense probe: mean IoU against a hand count, the dense demo's images against their
 masks, and the probe end to end: on masks whose classes are the image's colour, any encoder's
 feature map separates them well above chance."""
 import json

@@ -351,5 +351,5 @@ def test_a_sweep_sharing_one_out_dir_never_resumes_another_point(data_root, pret
     assert linear_eval.main(args + ["--lr=0.4"]) == 2
     assert "another evaluation" in capsys.readouterr().err
     source = json.loads((tmp_path / "sweep" / "results.json").read_text())["source"]
-    older = {k: v for k, v in source.items() if k not in ("seed", "lr", "batch_size")}  # before 2026-12-03
+    older = {k: v for k, v in source.items() if k not in ("seed", "lr", "batch_size")}  # a run from before the recipe was recorded
     assert same_source(older, source) and not same_source({**older, "init": "random"}, source)

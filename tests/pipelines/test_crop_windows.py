@@ -1,4 +1,4 @@
-"""The crop window and flip each view reports (for PixPro's pixel pairs, issue 14) agree with the
+"""The crop window and flip each view reports (for PixPro's pixel pairs) agree with the
 pixels it outputs: on an image whose red level is its x coordinate and green level its y, each view's
 columns and rows must read back the window's coordinates (mirrored when it reports a flip), for the
 DALI graph and its torchvision reference alike."""

@@ -1,4 +1,4 @@
-"""PixPro in training (issue 14): the instance+pixpro step through the Learner, starting the encoders
+"""PixPro in training: the instance+pixpro step through the Learner, starting the encoders
 from supervised torchvision weights (model.init), and the encoder's life after pretraining in
 torchvision's detection and segmentation models. (Resuming bit for bit: tests/test_survival.py.)"""
 import subprocess

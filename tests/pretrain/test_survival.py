@@ -1,4 +1,4 @@
-"""Survival on CPU (issue 6): kill -9 and resume ends bit for bit where an uninterrupted run ends,
+"""Survival on CPU: kill -9 and resume ends bit for bit where an uninterrupted run ends,
 torchrun's elastic restart resumes by itself, N processes compute what one process with N
 accumulation steps computes, and each user mistake stops with one line naming it."""
 import os
@@ -119,7 +119,8 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
 # once part of the file is on disk: the background writer's thread dies with the process mid-write.
 KILLED_MID_WRITE = """
 import os, signal, sys
-from byol_fast import checkpoint, train
+from byol_fast import train
+from byol_fast.weights import checkpoint
 writes, real = [], checkpoint._write_file
 def cut_short(obj, f):
     writes.append(1)

@@ -1,4 +1,4 @@
-"""checkpoint.BackgroundWriter (issue 11): the file it writes in its thread is the file a synchronous
+"""checkpoint.BackgroundWriter: the file it writes in its thread is the file a synchronous
 checkpoint.save of the state at save() time writes, whatever the caller does to the state afterwards;
 its errors are the synchronous save's, raised once; kill -9 mid-write leaves the previous file whole.
 
@@ -222,7 +222,7 @@ def test_a_full_disk_mid_write_keeps_the_previous_file_and_leaves_no_temporary(t
 KILLED_CHILD = """
 import os, signal, sys, time
 import torch
-from byol_fast import checkpoint as ckpt
+from byol_fast.weights import checkpoint as ckpt
 
 path = sys.argv[1]
 writer = ckpt.BackgroundWriter()
@@ -274,7 +274,7 @@ def test_kill_9_mid_write_leaves_the_previous_file_whole(tmp_path):
 EXITING_CHILD = """
 import sys
 import torch
-from byol_fast import checkpoint as ckpt
+from byol_fast.weights import checkpoint as ckpt
 
 ckpt.BackgroundWriter().save({"step": 1}, sys.argv[2], ckpt.PRETRAIN)  # fails: its folder is a file
 keep = ckpt.BackgroundWriter()

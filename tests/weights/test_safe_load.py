@@ -109,7 +109,7 @@ def test_our_checkpoints_load_with_weights_only_alone(tmp_path):
     state = torch.load(out / "last.pt", weights_only=True)
     assert checkpoint.kind_of(state) == checkpoint.PRETRAIN
     assert isinstance(state["loader"][0]["pipeline"], bytes)  # mid-epoch: DALI's checkpoint, as bytes
-    old_style = {**state, "rng": {**state["rng"], "numpy": np.random.get_state()}}  # before 2026-12-02
+    old_style = {**state, "rng": {**state["rng"], "numpy": np.random.get_state()}}  # as an older version saved it
     torch.save(old_style, tmp_path / "old.pt")
     assert checkpoint.load(tmp_path / "old.pt")["rng"]["numpy"][0] == "MT19937"  # numpy arrays are data
 
@@ -245,7 +245,7 @@ def test_forged_numpy_state_is_refused_and_never_reaches_numpy(tmp_path):
             paths.append(tmp_path / f"{name}-{kind}.pt")
             _write(obj, paths[-1], kind)
     # What torch's own refusal tells users to register: the reader must not depend on torch's registry.
-    script = ("import sys, numpy, torch\nfrom byol_fast import safe_load\n"
+    script = ("import sys, numpy, torch\nfrom byol_fast.weights import safe_load\n"
               "torch.serialization.add_safe_globals([numpy._core.multiarray._reconstruct, numpy.ndarray, numpy.dtype,"
               " numpy.dtypes.VoidDType, numpy.dtypes.ObjectDType, numpy._core.multiarray.scalar])\n"
               "for p in sys.argv[1:]:\n"
