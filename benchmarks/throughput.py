@@ -99,7 +99,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--linear", action="store_true", help="also measure linear evaluation (synthetic and end to end)")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument("--config", help="YAML recipe to start from (config/*.yaml); the options below override it")
-    p.add_argument("--backbone", help="torchvision ResNet (default: resnet50 on GPU, resnet18 on CPU)")
+    p.add_argument("--backbone", help="encoder, any of byol_fast.config.BACKBONES (e.g. resnet50x2, resnet200x2); "
+                                        "default: resnet50 on GPU, resnet18 on CPU")
     p.add_argument("--image-size", type=int, help="side of each view (default: 224 on GPU, 64 on CPU)")
     p.add_argument("--batch", type=int, help="images per step (default: 256 on GPU, 32 on CPU)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="default: the config's (auto)")

@@ -156,8 +156,9 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {written[0]}: torchvision.models.{weights.backbone}() state_dict without fc.* "
               f"(load with strict=False; input {norm})")
     else:
-        print(f"wrote {written[0]}: {weights.backbone} state_dict (torchvision has no such model: load it "
-              f"with byol_fast.weights.encoder_file.load_encoder; input {norm})")
+        print(f"wrote {written[0]}: {weights.backbone} state_dict with torchvision's module names (torchvision "
+              f"has no such model: load it with byol_fast.weights.encoder_file.load_encoder, or use the exported "
+              f"programs; input {norm})")
     what = {"safetensors": "the same state_dict as safetensors", "onnx": "ONNX, checked with ONNX Runtime",
             "torch_export": "torch.export program", "torchscript": "TorchScript"}
     for fmt, path in zip(formats, written[1:]):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+from byol_fast.config import BACKBONES
 from byol_fast.datasets.shard_pack import parse_size
 from byol_fast.errors import ConfigError
 
@@ -65,6 +66,12 @@ def _loss(v: str) -> str:
     return v
 
 
+def _backbone(v: str) -> str:
+    if v not in BACKBONES:
+        raise ValueError(f"one of {', '.join(BACKBONES)}")
+    return v
+
+
 def _step(v: str) -> str:
     if v != "best":
         raise ValueError("only 'best' (the fastest model variant measured before this stage)")
@@ -81,6 +88,7 @@ STAGE_OPTIONS = {
     "prefetch": (_int(1), DALI_STAGES),
     "shard_size": (_size, ("shards",)),
     "loss": (_loss, ("model",)),
+    "backbone": (_backbone, ("model",)),
     "windows": (_int(1), STAGES),
     "window_seconds": (_float_in(0.0, 1e6, open_lo=True), STAGES),
     "warmup": (_int(0), STAGES),
@@ -128,8 +136,9 @@ def stage_overrides(opts: dict) -> dict:
                                                ("prefetch", "prefetch")) if src in opts}
     if reader:
         over["reader"] = reader
-    if "loss" in opts:
-        over["model"] = {"loss": opts["loss"]}
+    model = {k: opts[k] for k in ("loss", "backbone") if k in opts}
+    if model:
+        over["model"] = model
     return over
 
 

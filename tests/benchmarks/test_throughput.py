@@ -262,6 +262,8 @@ def test_stage_entries_are_checked(tp):
     assert parse_stage("shards:shard_size=64MB:threads=2") == ("shards", {"shard_size": 64 * 10**6, "threads": 2})
     assert stage_overrides({"batch": 384, "compile": False, "hw": 0.5}) == {
         "optim": {"batch_size": 384}, "compile": False, "reader": {"hw_decoder_load": 0.5}}
+    assert stage_overrides(parse_stage("model:backbone=resnet200x2:loss=pixpro").options) == {
+        "model": {"backbone": "resnet200x2", "loss": "pixpro"}}
     # --compile-mode passes through to the config as --compile does, and implies it
     args, over = tp.parse_args(["--device", "cpu", "--compile-mode", "max-autotune-no-cudagraphs"])
     options = settings.from_args(args, over)
@@ -272,7 +274,8 @@ def test_stage_entries_are_checked(tp):
     for bad, words in [("modle", "unknown stage"), ("model:hw=1.0", "does not apply"), ("dali:hw=1.5", "must be in"),
                        ("e2e-dali:step=worst", "only 'best'"), ("model:size=3", "not key=value"),
                        ("model:batch=0", ">= 1"), ("shards:shard_size=big", "not a size"),
-                       ("dali:shard_size=64MB", "does not apply")]:
+                       ("dali:shard_size=64MB", "does not apply"), ("model:backbone=resnet9", "one of resnet18"),
+                       ("dali:backbone=resnet50", "does not apply")]:
         with pytest.raises(ConfigError, match=words):
             parse_stage(bad)
 

@@ -36,6 +36,54 @@ def test_tiny_resnet_is_torchvision_resnet18_cut_to_one_block_per_stage():
     assert enc(torch.randn(2, 3, 32, 32)).shape == (2, 128) and sizes == [(4, 4)]
 
 
+# The BYOL paper's Table 1: encoder parameters without the classifier, in millions, as published
+# (rounded to the million).
+PAPER_PARAMETERS = {"resnet50": 24, "resnet50x2": 94, "resnet50x4": 375, "resnet200x2": 250}
+
+
+@pytest.mark.parametrize("name,millions", sorted(PAPER_PARAMETERS.items()))
+def test_the_papers_encoders_have_its_parameter_counts(name, millions):
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        enc, width = build_encoder(name)
+    assert round(sum(p.numel() for p in enc.parameters()) / 1e6) == millions
+    assert width == 2048 * (int(name.partition("x")[2] or 1))
+
+
+def test_width_multiplies_every_channel_not_only_the_bottleneck():
+    """ResNet-50 (2x) is not torchvision's wide_resnet50_2 (only the 3x3 convolutions widened): the
+    stem, every block's input and output and the features are twice ResNet-50's too."""
+    with torch.device("meta"):
+        one, two = build_encoder("resnet50")[0].state_dict(), build_encoder("resnet50x2")[0].state_dict()
+        wide = torchvision.models.wide_resnet50_2().state_dict()
+    assert one.keys() == two.keys()
+    for key, value in one.items():
+        doubled = tuple(d * 2 for d in value.shape[:2]) if value.ndim == 4 else tuple(d * 2 for d in value.shape)
+        assert two[key].shape[:len(doubled)] == doubled or key == "conv1.weight", key  # conv1: RGB in
+    assert two["conv1.weight"].shape == (128, 3, 7, 7)
+    assert wide["layer1.0.conv3.weight"].shape[0] == 256 != two["layer1.0.conv3.weight"].shape[0]
+
+
+def test_a_width_one_scaled_resnet_computes_torchvisions_resnet50():
+    from byol_fast.models.resnet import DEPTHS, ScaledResNet
+
+    torch.manual_seed(0)
+    ref = torchvision.models.resnet50().eval()
+    ref.fc = torch.nn.Identity()
+    net = ScaledResNet(DEPTHS[50], 1).eval()
+    net.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(net(x), ref(x))
+
+
+def test_resnet200_has_the_published_blocks_and_a_same_padded_variant():
+    with torch.device("meta"):
+        enc, width = build_encoder("resnet200x2", "same")
+    blocks = [len(getattr(enc, f"layer{i}")) for i in range(1, 5)]
+    assert blocks == [3, 24, 36, 3] and width == 4096
+    assert type(enc.conv1).__name__ == "SameConv2d" and type(enc.maxpool).__name__ == "SameMaxPool2d"
+
+
 def test_unknown_backbone_is_named():
     with pytest.raises(ValueError, match="resnet9"):
         build_encoder("resnet9")

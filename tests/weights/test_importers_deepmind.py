@@ -127,7 +127,7 @@ def tf_forward(state: dict, x: torch.Tensor) -> torch.Tensor:
 def random_state(name: str, seed: int = 0) -> dict:
     """A torchvision encoder's state with random weights and batch-norm statistics (no fc)."""
     torch.manual_seed(seed)
-    net = getattr(torchvision.models, name)()
+    net = build_encoder(name)[0]
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -332,6 +332,31 @@ def test_release_converts_and_gives_the_tensorflow_padded_features(resnet50_rele
     symmetric.load_state_dict(torch.load(out, weights_only=True))
     with torch.no_grad():
         assert (symmetric.eval()(normed[0]) - refs[0]).abs().max() > 1e-2 * refs[0].abs().max()
+
+
+@pytest.mark.slow
+def test_the_resnet200x2_release_converts_and_gives_the_haiku_networks_features(tmp_path):
+    """pretrain_res200x2.pkl's structure: ResNet200 (Haiku's res_net200: bottleneck blocks 3, 24, 36,
+    3) with width multiplier 2 (a 128-channel stem, 4096 features), 250M parameters; converted and
+    read as a feature extractor, it computes what the Haiku network computes by hand."""
+    state = random_state("resnet200x2", seed=2)
+    params, bn_state = to_haiku(state, "res_net200")
+    assert params["res_net200/~/initial_conv"]["w"].shape == (7, 7, 3, 128)
+    assert "res_net200/~/block_group_2/~/block_35/~/conv_2" in params
+    src = tmp_path / "pretrain_res200x2.pkl"
+    with open(src, "wb") as f:
+        dill.dump(release(params, bn_state, 4096), f, protocol=2)
+    del state
+    converted = importers.convert(load(src), str(src))
+    assert converted.layout == "deepmind" and converted.padding == "same" and not converted.unmapped
+    x = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(5))
+    normed = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    ref = haiku_forward(params, bn_state, "res_net200", normed)
+    model = load_feature_extractor(src)
+    assert model.width == 4096
+    feats = model(x)
+    assert feats.shape == (1, 4096)
+    torch.testing.assert_close(feats, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
 
 
 def test_experiment_state_as_its_namedtuple_fields_in_order(resnet50_release):

@@ -1,4 +1,5 @@
-"""Importer of DeepMind's JAX/Haiku BYOL release (``pretrain_res50x1.pkl``, deepmind-research/byol).
+"""Importer of DeepMind's JAX/Haiku BYOL release (``pretrain_res50x1.pkl``, ``pretrain_res200x2.pkl``,
+deepmind-research/byol).
 
 The layout, from the project's code:
 
@@ -9,7 +10,8 @@ The layout, from the project's code:
   (``online_params``, ``target_params``, ``online_state``, ``target_state``, ``opt_state``, in that
   order; the linear evaluation reads ``.online_params`` and ``.online_state``). Params and state are
   Haiku's two-level mappings, module name -> parameter name -> array;
-- ``byol/utils/networks.py``: ``ResNet50`` (Haiku names it ``res_net50``) holds ``initial_conv`` (7x7
+- ``byol/utils/networks.py``: ``ResNet50`` (Haiku names it ``res_net50``; ``ResNet200`` is ``res_net200``,
+  and a width multiplier scales every channel count, 64 x width in the stem) holds ``initial_conv`` (7x7
   stride 2, SAME), ``initial_batchnorm``, then ``block_group_{0..3}/~/block_{i}`` of Haiku's
   ``BlockV1`` (``conv_0``/``batchnorm_0`` 1x1, ``conv_1``/``batchnorm_1`` 3x3 carrying the stride, as
   torchvision's v1.5 ``conv2``, ``conv_2``/``batchnorm_2`` 1x1; ``shortcut_conv``/``shortcut_batchnorm``
@@ -55,7 +57,7 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 
-from byol_fast.config import TORCHVISION_BACKBONES
+from byol_fast.config import BACKBONES
 from byol_fast.errors import CheckpointError
 from byol_fast.models.resnet import build_encoder
 from byol_fast.weights.importers import Converted, top_level_dropped
@@ -230,8 +232,12 @@ def convert(obj: dict) -> Converted:
     for path in bn_modules:
         out[f"{path}.num_batches_tracked"] = torch.zeros((), dtype=torch.int64)
 
-    backbone = re.sub(r"^res_net", "resnet", net)  # else (res_net200): infer_backbone names no match
-    if backbone in TORCHVISION_BACKBONES:
+    # The network's depth is in its Haiku name (res_net200), its width multiplier in the stem's
+    # channels (64 x width); a name byol_fast does not build is left to infer_backbone to refuse.
+    stem = out.get("conv1.weight")
+    width = stem.shape[0] // 64 if stem is not None and stem.shape[0] % 64 == 0 else 1
+    backbone = re.sub(r"^res_net", "resnet", net) + (f"x{width}" if width > 1 else "")
+    if backbone in BACKBONES:
         with torch.device("meta"):
             expected = list(build_encoder(backbone)[0].state_dict())
         # a module torchvision's ResNet of that depth lacks (a projection where it keeps the identity)
