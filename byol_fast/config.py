@@ -207,7 +207,11 @@ class FinetuneConfig(LinearConfig):
 
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-BACKBONES = (*TORCHVISION_BACKBONES, "tiny_resnet")  # tiny_resnet: the CPU demo's (byol_fast.models.resnet.TinyResNet)
+# The BYOL paper's larger encoders (its Table 1; DeepMind's networks.py): ResNet-<depth> with every
+# channel count multiplied by the width after "x" (byol_fast.models.resnet.ScaledResNet).
+SCALED_BACKBONES = ("resnet50x2", "resnet50x4", "resnet101x2", "resnet152x2", "resnet200", "resnet200x2")
+# tiny_resnet: the CPU demo's (byol_fast.models.resnet.TinyResNet)
+BACKBONES = (*TORCHVISION_BACKBONES, *SCALED_BACKBONES, "tiny_resnet")
 
 # The one table of choices: a field of this name, in any section of any schema, takes one of these
 # (or stays empty where its default is empty: "not set", e.g. linear evaluation's backbone).
