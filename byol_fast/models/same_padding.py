@@ -39,14 +39,32 @@ def _same_padding(size: int, kernel: int, stride: int, dilation: int) -> tuple[i
     return total // 2, total - total // 2
 
 
-
 def _same_pad(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int], dilation: tuple[int, int],
               value: float) -> torch.Tensor:
-    """``x`` (N, C, H, W) padded the SAME way for a window of ``kernel``, ``stride`` and ``dilation``."""
+    """``x`` (N, C, H, W) padded the SAME way for a window of ``kernel``, ``stride`` and ``dilation``.
+
+    A ResNet's strided windows (stride 2, an odd extent 2p + 1) have a SAME padding that depends on
+    the size n only through its parity: p before and after on an odd size, p - 1 before and p after
+    on an even one. Both are the n + 2p rows, from index (n + 1) % 2 on, of the input padded by p
+    before and p + 1 after (on an even size the last of them is never read by the window). Taking
+    them with ``index_select`` keeps every shape free of the parity, so a program exported with
+    dynamic height and width (torch.export, ONNX) carries no guard on the size it was traced at and
+    its shape arithmetic stays as simple as zero padding's. Other windows take amounts computed from
+    the size.
+    """
+    if stride[0] == 2 and stride[1] == 2 and (kernel[0] - 1) * dilation[0] % 2 == 0 \
+            and (kernel[1] - 1) * dilation[1] % 2 == 0:
+        ph, pw = (kernel[0] - 1) * dilation[0] // 2, (kernel[1] - 1) * dilation[1] // 2
+        # an axis the window spans one position of (a 1x1 projection) is padded at neither parity
+        y = nn.functional.pad(x, [pw, pw + 1 if pw else 0, ph, ph + 1 if ph else 0], value=value)
+        if ph:
+            y = y.index_select(-2, torch.arange(x.shape[-2] + 2 * ph, device=x.device) + (x.shape[-2] + 1) % 2)
+        if pw:
+            y = y.index_select(-1, torch.arange(x.shape[-1] + 2 * pw, device=x.device) + (x.shape[-1] + 1) % 2)
+        return y
     top, bottom = _same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
     left, right = _same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
     return nn.functional.pad(x, [left, right, top, bottom], value=value)
-
 
 
 class SameConv2d(nn.Conv2d):
@@ -61,7 +79,6 @@ class SameConv2d(nn.Conv2d):
         return super().extra_repr() + ", padding=SAME"
 
 
-
 class SameMaxPool2d(nn.MaxPool2d):
     """An ``nn.MaxPool2d`` that pads as TensorFlow's SAME (as Haiku's ``max_pool(padding="SAME")``):
     the smaller half before, with -inf, so that the padding never wins the max."""
@@ -74,10 +91,8 @@ class SameMaxPool2d(nn.MaxPool2d):
         return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}, padding=SAME"
 
 
-
 def _pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
-
 
 
 def _agrees_with_same(conv: nn.Conv2d) -> bool:
@@ -85,7 +100,6 @@ def _agrees_with_same(conv: nn.Conv2d) -> bool:
     padded by half of it on each side (every stride-1 convolution of a ResNet)."""
     return all(s == 1 and ((k - 1) * d) % 2 == 0 and p == (k - 1) * d // 2
                for k, s, d, p in zip(conv.kernel_size, conv.stride, conv.dilation, _pair(conv.padding)))
-
 
 
 def _same_conv(conv: nn.Conv2d) -> SameConv2d:
@@ -99,7 +113,6 @@ def _same_conv(conv: nn.Conv2d) -> SameConv2d:
     if conv.bias is not None:
         same.bias = conv.bias
     return same
-
 
 
 def _same_pool(pool: nn.MaxPool2d) -> SameMaxPool2d:

@@ -227,6 +227,28 @@ def test_strided_layers_pad_smaller_half_before():
         build_encoder("tiny_resnet", "same")
 
 
+def test_a_same_padded_encoder_exports_and_its_program_pads_as_tensorflow_at_any_size(tmp_path, capsys):
+    """``export --torch-export`` of a SAME-padding encoder: the program, traced at one size, gives the
+    TensorFlow-padded network's features (computed by hand) at even and odd heights and widths."""
+    from byol_fast import export
+    from byol_fast.weights.checkpoint import save_encoder
+
+    state = random_state("resnet18", seed=4)
+    src, out = tmp_path / "same.pt", tmp_path / "encoder.pt"
+    encoder = build_encoder("resnet18")[0]
+    encoder.load_state_dict(state)
+    save_encoder(encoder.state_dict(), src, MEAN, STD, padding="same")  # as convert writes a DeepMind encoder
+    assert export.main(["--checkpoint", str(src), "--out", str(out), "--torch-export"]) == 0
+    assert "SAME-padding" in capsys.readouterr().out
+    program = torch.export.load(str(tmp_path / "encoder.pt2")).module()
+    g = torch.Generator().manual_seed(6)
+    for h, w in ((64, 64), (57, 70), (33, 41)):
+        x = torch.rand(2, 3, h, w, generator=g)
+        normed = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+        ref = tf_forward(state, normed.double()).float()
+        torch.testing.assert_close(program(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 # ---------------------------------------------------------------------------- (b) a file in DeepMind's layout
 
 
