@@ -8,14 +8,16 @@ A run's configuration is built in three layers, later ones winning:
 
 Every entry point's schema lives here: :class:`Config` (pretraining), :class:`LinearConfig`
 (linear evaluation) and :class:`FinetuneConfig` (fine-tuning); all read images through the one
-:class:`ReaderConfig` section. Unknown keys,
-values of the wrong type and values outside :data:`CHOICES` stop with a :class:`ConfigError` that
-names the dotted key and, where it came from a file, the file. Derived values (scaled learning rate,
-steps per epoch, per-GPU batch) are computed by functions elsewhere and never written back.
+:class:`ReaderConfig` section. Unknown keys, values of the wrong type, values outside :data:`CHOICES`
+and numbers outside :data:`RANGES` stop with a :class:`ConfigError` that names the dotted key and,
+where it came from a file, the file; the YAML text itself is read by :mod:`byol_fast.config_files`,
+which refuses what no config needs (anchors, deep nesting, megabytes). Derived values (scaled
+learning rate, steps per epoch, per-GPU batch) are computed by functions elsewhere and never written back.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -25,6 +27,8 @@ from typing import Any
 
 import yaml
 
+# Reading recipe files and override values (bounded YAML); offered here too, where callers find them.
+from byol_fast.config_files import parse_overrides, quote, read_yaml, shorten, split_overrides  # noqa: F401
 from byol_fast.constants import IMAGENET_MEAN, IMAGENET_STD
 from byol_fast.errors import ConfigError
 
@@ -229,6 +233,35 @@ CHOICES = {
     "compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
 }
 
+# The one table of ranges: a number field of this name, in any section of any schema, lies in this
+# interval (every element of a tuple does). Written ">= a", "> a" (up to, not including, infinity) or
+# "[a, b]" with ( ) for open ends: an end is infinite only where written "inf", so NaN and infinities
+# are refused everywhere else. Every int and float field has an entry (tests/test_config.py checks).
+RANGES = {
+    # counts and sizes: at least one
+    "image_size": ">= 1", "resize": ">= 1", "batch_size": ">= 1", "accumulate": ">= 1", "epochs": ">= 1",
+    "log_every": ">= 1", "prefetch": ">= 1", "knn_k": ">= 1", "blur_kernel": ">= 1",
+    "max_nonfinite_steps": ">= 1", "projector_hidden": ">= 1", "projector_out": ">= 1",
+    "predictor_hidden": ">= 1", "pixel_hidden": ">= 1", "pixel_out": ">= 1",
+    # counts where 0 means "off", "all" or (num_threads, torchvision's DataLoader) "in the main process"
+    "max_steps": ">= 0", "index_workers": ">= 0", "knn_every": ">= 0", "knn_bank_limit": ">= 0", "holdout": ">= 0",
+    "num_threads": ">= 0", "seed": ">= 0",
+    # probabilities and fractions
+    "flip_p": "[0, 1]", "jitter_p": "[0, 1]", "grayscale_p": "[0, 1]", "blur_p": "[0, 1]", "solarize_p": "[0, 1]",
+    "solarize_threshold": "[0, 1]", "hw_decoder_load": "[0, 1]", "tau_base": "[0, 1]", "momentum": "[0, 1)",
+    "crop_area": "(0, 1]", "label_fraction": "(0, 1]", "mean": "[0, 1]",
+    # strengths, rates and scales
+    "brightness": ">= 0", "contrast": ">= 0", "saturation": ">= 0", "hue": "[0, 0.5]",
+    "crop_aspect": "> 0", "blur_sigma": "> 0", "std": "> 0",
+    "lr": ">= 0", "probe_lr": ">= 0", "weight_decay": ">= 0", "eta": ">= 0", "warmup_epochs": ">= 0",
+    "instance_weight": ">= 0", "pixpro_weight": ">= 0", "pixpro_gamma": ">= 0", "pixpro_threshold": "> 0",
+    "knn_temperature": "(-inf, inf)",  # <= 0: plain majority votes
+    "checkpoint_minutes": "[0, inf]",  # inf: only at epoch ends and on a stop signal
+}
+# Pairs (min, max) of RANGES fields: the first may not exceed the second.
+ORDERED = {"crop_area", "crop_aspect", "blur_sigma"}
+INT64 = (-(2**63), 2**63 - 1)  # every int of a config fits a tensor or a C long
+
 # Keys that moved to the reader section: an old recipe gets told where they went.
 MOVED = {f"data.{k}": f"reader.{k}" for k in ("loader", "decode", "num_threads", "prefetch", "hw_decoder_load")}
 MOVED["data.workers"] = "reader.index_workers"
@@ -250,12 +283,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {_type_name(tp)} keys, got {quote(value)}")
         return _build(tp, value, key + ".")
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {quote(value)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if origin in (typing.Union, types.UnionType):
         raise ConfigError(f"{key}: union types are not supported in the config")
@@ -264,28 +297,33 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64[0] <= value <= INT64[1]:
+                raise ConfigError(f"{key}: {quote(value)} does not fit in 64 bits")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an int of hundreds of digits
+                raise ConfigError(f"{key}: {quote(value)} is too large for a float") from None
         if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
             return float(value)  # 5e-4: YAML 1.1 reads exponents without a dot as strings
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {quote(value)} ({type(value).__name__})")
 
 
 def _build(cls: type, values: dict, prefix: str = ""):
     """Make ``cls`` from the defaults overlaid with ``values`` (nested dicts)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(set(values) - names, key=str)  # YAML keys may be numbers or null, too
     if unknown:
-        key = prefix + unknown[0]
+        key = prefix + str(unknown[0])
         if key in MOVED:
             raise ConfigError(f"config key '{key}' is now '{MOVED[key]}' (the reader section: how images are read)")
-        raise ConfigError(f"unknown config key '{key}' (known in this section: {', '.join(sorted(names))})")
+        raise ConfigError(f"unknown config key {quote(key)} (known in this section: {', '.join(sorted(names))})")
     default = cls()
     kwargs = {}
     for name in names:
@@ -298,18 +336,48 @@ def _build(cls: type, values: dict, prefix: str = ""):
         kwargs["view2"] = _coerce({**VIEW2_DEFAULTS, **values["view2"]}, ViewConfig, prefix + "view2")
     obj = cls(**kwargs)
     _check_choices(obj, prefix)
+    _check_ranges(obj, prefix)
     if cls is ViewConfig:
         _check_view(obj, prefix)
     return obj
 
 
 def _check_view(view: ViewConfig, prefix: str) -> None:
-    """The blur as torchvision and the paper define it: an odd window, 0 < sigma_min <= sigma_max."""
-    if view.blur_kernel < 1 or view.blur_kernel % 2 == 0:
+    """The blur as torchvision and the paper define it: an odd window (its sigma range: RANGES, ORDERED)."""
+    if view.blur_kernel % 2 == 0:
         raise ConfigError(f"{prefix}blur_kernel: {view.blur_kernel} is not an odd number of pixels")
-    lo, hi = view.blur_sigma
-    if not 0 < lo <= hi:
-        raise ConfigError(f"{prefix}blur_sigma: {list(view.blur_sigma)} is not a range 0 < min <= max")
+
+
+_RANGE = re.compile(r"(?P<op>>=?) (?P<lo>\S+)|(?P<left>[\[(])(?P<a>[^,]+), (?P<b>[^\])]+)(?P<right>[\])])")
+
+
+def interval(spec: str) -> tuple[float, float, bool, bool]:
+    """A RANGES entry as (low end, high end, low end included, high end included)."""
+    m = _RANGE.fullmatch(spec)
+    if m["op"]:
+        return float(m["lo"]), math.inf, m["op"] == ">=", False
+    return float(m["a"]), float(m["b"]), m["left"] == "[", m["right"] == "]"
+
+
+def _in_range(value: float, spec: str) -> bool:
+    """Whether ``value`` lies in the interval ``spec``; NaN never does."""
+    lo, hi, lo_in, hi_in = interval(spec)
+    return (value >= lo if lo_in else value > lo) and (value <= hi if hi_in else value < hi)
+
+
+def _check_ranges(obj, prefix: str) -> None:
+    """Every number field of ``obj`` in its RANGES interval, and the (min, max) pairs in order."""
+    for f in dataclasses.fields(obj):
+        if f.name not in RANGES:
+            continue
+        spec, value = RANGES[f.name], getattr(obj, f.name)
+        bound = "a finite number" if spec == "(-inf, inf)" else spec if spec[0] == ">" else f"in {spec}"
+        items = [(f"[{i}]", v) for i, v in enumerate(value)] if isinstance(value, tuple) else [("", value)]
+        for index, v in items:
+            if not _in_range(v, spec):
+                raise ConfigError(f"{prefix}{f.name}{index}: must be {bound}, got {v!r}")
+        if f.name in ORDERED and value[0] > value[1]:
+            raise ConfigError(f"{prefix}{f.name}: {list(value)} is not a range min <= max")
 
 
 def _check_choices(obj, prefix: str) -> None:
@@ -319,7 +387,7 @@ def _check_choices(obj, prefix: str) -> None:
                 or f.metadata.get("free")):
             continue
         if value not in CHOICES[f.name]:
-            raise ConfigError(f"{prefix}{f.name}: {value!r} is not one of {', '.join(CHOICES[f.name])}")
+            raise ConfigError(f"{prefix}{f.name}: {quote(value)} is not one of {', '.join(CHOICES[f.name])}")
 
 
 def _check_linear(cfg: LinearConfig) -> None:
@@ -332,14 +400,10 @@ def _check_linear(cfg: LinearConfig) -> None:
         raise ConfigError("backbone: --init random without --checkpoint needs --backbone=resnet50 (or another)")
     if not cfg.checkpoint and not cfg.out_dir:
         raise ConfigError("out_dir: --init random without --checkpoint needs --out_dir")
-    if cfg.holdout < 0:
-        raise ConfigError(f"holdout: {cfg.holdout} is negative (0: validate on val/)")
 
 
 def _check_finetune(cfg: FinetuneConfig) -> None:
     _check_linear(cfg)
-    if not 0.0 < cfg.label_fraction <= 1.0:
-        raise ConfigError(f"label_fraction: {cfg.label_fraction} is not in (0, 1]")
     if cfg.features != "images":
         raise ConfigError("features: fine-tuning trains the encoder, so it needs images, not cached features")
 
@@ -350,7 +414,7 @@ WHOLE_CHECKS = {LinearConfig: _check_linear, FinetuneConfig: _check_finetune}
 
 
 def validate(cfg) -> None:
-    """Raise ConfigError if ``cfg`` cannot start a run (beyond types and choices, checked when built)."""
+    """Raise ConfigError if ``cfg`` cannot start a run (beyond types, choices and ranges, checked when built)."""
     check = WHOLE_CHECKS.get(type(cfg))
     if check:
         check(cfg)
@@ -364,58 +428,6 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def split_overrides(args: list[str]) -> list[tuple[str, str]]:
-    """``['--optim.lr=0.3', '--epochs', '5']`` -> ``[('optim.lr', '0.3'), ('epochs', '5')]``: each
-    key with its value as written (``--key=value`` or ``--key value``)."""
-    pairs = []
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key=value")
-        if "=" in arg:
-            key, raw = arg[2:].split("=", 1)
-        elif i + 1 < len(args):
-            key, raw = arg[2:], args[i + 1]
-            i += 1
-        else:
-            raise ConfigError(f"{arg}: missing a value")
-        pairs.append((key, raw))
-        i += 1
-    return pairs
-
-
-def parse_overrides(args: list[str]) -> dict:
-    """``['--optim.lr=0.3', '--epochs', '5']`` -> ``{'optim': {'lr': 0.3}, 'epochs': 5}``."""
-    out: dict = {}
-    for key, raw in split_overrides(args):
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--{key}: cannot parse value {raw!r}: {e}") from None
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--{key}: '{p}' is given both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
-def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of config sections at the top level")
-    return data
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls: type = Config):
     """Defaults <- YAML file <- overrides; raises ConfigError naming the bad key (and file)."""
     values: dict = {}
@@ -424,7 +436,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         try:
             _build(cls, values)
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
+            raise ConfigError(f"{shorten(str(path))}: {e}") from None
     if overrides:
         extra = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
         values = merge(values, extra)
