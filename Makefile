@@ -22,6 +22,7 @@ help:
 	@echo "make pretrain                 pretrain on the generated demo dataset (config/demo.yaml)"
 	@echo "make pretrain CONFIG=config/byol_r50_in1k_300ep.yaml DATA=/imagenet GPUS=8"
 	@echo "make index DATA=/imagenet     check every image of DATA/train and DATA/val once, write the index"
+	@echo "make index DATA=/imagenet LABELS=/imagenet/LOC_val_solution.csv   a flat val/ labelled by that file"
 	@echo "make shards DATA=/imagenet OUT=/scratch/imagenet-shards   pack train/ and val/ into tar shards (SHARD_SIZE=1GB)"
 	@echo "make linear-eval              linear evaluation of runs/demo/last.pt on the demo dataset"
 	@echo "make linear-eval LINEAR_CONFIG=config/linear_r50_in1k.yaml CHECKPOINT=runs/r50/last.pt DATA=/imagenet GPUS=8"
@@ -70,11 +71,16 @@ pretrain: install
 		$(PY) -m byol_fast.data demo $(DEMO) || exit $$?; fi
 	$(call launch,train,$(TRAIN_ARGS))
 
+# A flat val/ (ImageNet as downloaded) finds its label file beside it; LABELS=FILE names one instead
+# (for val/, or for DATA itself when it holds no splits).
+LABELS ?=
 index: install
 	@test -n "$(DATA)" || { echo "make index DATA=/path/to/dataset (holding train/ and val/, or images)"; exit 2; }
 	@for split in train val; do if [ -d "$(DATA)/$$split" ]; then \
-		$(PY) -m byol_fast.data index $(DATA)/$$split || exit $$?; fi; done; \
-	if [ ! -d "$(DATA)/train" ] && [ ! -d "$(DATA)/val" ]; then $(PY) -m byol_fast.data index $(DATA); fi
+		$(PY) -m byol_fast.data index $(DATA)/$$split $(if $(LABELS),$$([ $$split = val ] && echo --labels "$(LABELS)")) \
+		|| exit $$?; fi; done; \
+	if [ ! -d "$(DATA)/train" ] && [ ! -d "$(DATA)/val" ]; then \
+		$(PY) -m byol_fast.data index $(DATA) $(if $(LABELS),--labels "$(LABELS)"); fi
 
 # Tar shards (WebDataset layout, read by DALI): DATA/train and DATA/val (or DATA itself) -> OUT/...
 SHARD_SIZE ?= 1GB

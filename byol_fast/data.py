@@ -2,17 +2,20 @@
 
 Command line::
 
-    python -m byol_fast.data index DATA [--workers N] [--max-pixels N] [--no-cache]
+    python -m byol_fast.data index DATA [--workers N] [--max-pixels N] [--no-cache] [--labels FILE]
     python -m byol_fast.data demo OUT [--seed S] [--size PX] ...
     python -m byol_fast.data shards SRC OUT [--shard-size 1GB] [--workers N] [--seed S]
     python -m byol_fast.data verify SHARDS
     python -m byol_fast.data demo-seg OUT [--seed S] ...
 
 ``index`` scans and checks an image folder (an ImageFolder class tree or a flat folder), writes its
-index and a report of the files left out, and prints a summary. ``demo`` writes the synthetic demo
-dataset (an ImageFolder of JPEGs with train/ and val/) unless it is already there. ``shards`` packs
-an image folder (indexed first, or its index reused) or an index file into tar shards
-(byol_fast.datasets.shard_pack); a root holding train/ and val/ becomes OUT/train and OUT/val.
+index and a report of the files left out, and prints a summary; a flat folder takes its labels from
+a label file beside it (ImageNet's devkit, Kaggle's CSV, an mmpretrain list) or named by
+``--labels`` (byol_fast.datasets.label_files), mapped to the classes of the ``train/`` beside it.
+``demo`` writes the synthetic demo dataset (an ImageFolder of JPEGs with train/ and val/) unless
+it is already there. ``shards`` packs an image folder (indexed first, or its index reused) or an
+index file into tar shards (byol_fast.datasets.shard_pack); a root holding train/ and val/ becomes
+OUT/train and OUT/val.
 ``verify`` reads every byte of a shard set (a folder or ``s3://bucket/prefix``; both splits of a
 root holding train/ and val/) against its manifest (byol_fast.datasets.shard_set.verify).
 ``demo-seg`` writes the dense demo (texture regions and their masks,
@@ -23,7 +26,8 @@ The code lives in the modules; import from them, not from here:
 
 - byol_fast.datasets.index: build_index, load_index, checked_index (the dataset index, its layouts
   and cache); byol_fast.datasets.samples: Index; byol_fast.datasets.index_file: the saved index file
-  and its report; byol_fast.errors: DatasetError.
+  and its report; byol_fast.datasets.label_files: the label files of a flat folder;
+  byol_fast.errors: DatasetError.
 - byol_fast.datasets.image_check: check_image (one file) and check_all (many, in parallel).
 - byol_fast.datasets.demo: make_demo_dataset, ensure_demo_dataset, demo_image.
 - byol_fast.datasets.shard_pack: pack (an index into tar shards with DALI's index files and a manifest).
@@ -57,6 +61,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     idx.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
     idx.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip larger images")
     idx.add_argument("--no-cache", action="store_true", help="decode everything; write nothing")
+    idx.add_argument("--labels", metavar="FILE", help="labels of a flat folder: the devkit's ground truth (or its "
+                     "folder), Kaggle's LOC_val_solution.csv, or a 'path label' list (default: found beside DATA)")
     demo = sub.add_parser("demo", help="write the synthetic demo dataset (ImageFolder of JPEGs)")
     demo.add_argument("out", help="folder to create (train/ and val/ inside)")
     _int_options(demo, DEMO_DEFAULTS)
@@ -97,7 +103,8 @@ def _index_command(args: argparse.Namespace) -> None:
         raise DatasetError(f"--workers must be >= 0, got {args.workers}")
     if args.max_pixels <= 0:
         raise DatasetError(f"--max-pixels must be > 0, got {args.max_pixels}")
-    index = build_index(args.data, workers=args.workers, cache=not args.no_cache, max_pixels=args.max_pixels)
+    index = build_index(args.data, workers=args.workers, cache=not args.no_cache, max_pixels=args.max_pixels,
+                        labels=args.labels)
     print(index.summary())
 
 

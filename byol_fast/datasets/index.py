@@ -16,7 +16,12 @@ Layouts (the same rules as ``torchvision.datasets.ImageFolder``, so labels agree
   as ImageFolder sorts them. Image files directly under ``root`` are not in a class and are listed
   as skipped.
 - Flat folder of images (no sub-folders): ``classes`` is empty and every label is ``-1``
-  (unlabelled). Pretraining ignores labels; linear evaluation needs a class tree.
+  (unlabelled). Pretraining ignores labels; linear evaluation needs a class tree, or:
+- Flat folder with a label file (ImageNet's validation split as downloaded): the ILSVRC2012
+  devkit's ground truth, Kaggle's ``LOC_val_solution.csv`` or an mmpretrain annotation list, found
+  beside the folder or named by ``labels`` (byol_fast.datasets.label_files); ``classes`` are those
+  of the ``train/`` beside it, and every image must be listed. The index records the label file,
+  and a later scan reads it again.
 
 Candidate files are those with torchvision's image extensions (case-insensitive); other files are
 ignored silently, as ImageFolder ignores them.
@@ -27,11 +32,13 @@ import os
 import sys
 from pathlib import Path
 
+from byol_fast.datasets import label_files
 from byol_fast.datasets.image_check import MAX_PIXELS, check_all, reason_category
 from byol_fast.datasets.index_file import (
     Saved,
     load_saved,
     read_index_json,
+    recorded_labels,
     relative,
     report_path_for,
     save_if_changed,
@@ -58,11 +65,7 @@ def _is_candidate(name: str) -> bool:
 
 def _list_candidates(root: str) -> tuple[list[str], list[tuple[str, int]], list[tuple[str, str]]]:
     """Walk ``root`` like ImageFolder: (classes, [(path, label)], [(path, reason)] for layout skips)."""
-    try:
-        with os.scandir(root) as it:
-            entries = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-        raise DatasetError(f"cannot list dataset folder {root}: {e.strerror}") from e
+    entries = _sorted_entries(root)
     classes = [e.name for e in entries if e.is_dir()]
     top_files = [os.path.join(root, e.name) for e in entries if not e.is_dir() and _is_candidate(e.name)]
     if not classes:
@@ -78,6 +81,14 @@ def _list_candidates(root: str) -> tuple[list[str], list[tuple[str, int]], list[
             layout_skips.append((os.path.join(root, name), "empty class folder: no image files"))
         candidates += found
     return classes, candidates, layout_skips
+
+
+def _sorted_entries(root: str) -> list[os.DirEntry]:
+    try:
+        with os.scandir(root) as it:
+            return sorted(it, key=lambda e: e.name)
+    except OSError as e:
+        raise DatasetError(f"cannot list dataset folder {root}: {e.strerror}") from e
 
 
 def _walk_class(folder: str, label: int) -> tuple[list[tuple[str, int]], list[OSError]]:
@@ -111,14 +122,17 @@ def _stamp(path: str) -> tuple[int, int] | None:
 
 
 def build_index(root: str | os.PathLike, workers: int = 0, cache: bool = True, progress: bool = True,
-                max_pixels: int = MAX_PIXELS) -> Index:
+                max_pixels: int = MAX_PIXELS, labels: str | os.PathLike | None = None) -> Index:
     """Scan ``root`` (class tree or flat folder), decode every candidate, return the Index.
 
     workers: decoding processes, 0 = all usable cores. cache: reuse verdicts of a previous scan for
     files whose (size, mtime) did not change, and save the index and report (see
     byol_fast.datasets.index_file.save_index).
     progress: a throttled progress line on stderr. max_pixels: larger images are skipped.
-    Raises DatasetError for a missing folder or one without a single decodable image.
+    labels: a label file for a flat folder (see byol_fast.datasets.label_files.explicit); without
+    one, a flat folder takes the file its saved index recorded, or one found beside it.
+    Raises DatasetError for a missing folder, one without a single decodable image, or labels that
+    do not fit the folder.
     Worker processes are spawned (never forked, so a caller's CUDA/DALI threads are safe); as with
     any spawn, a script calling this with workers != 1 needs an ``if __name__ == "__main__":`` guard.
     """
@@ -128,6 +142,10 @@ def build_index(root: str | os.PathLike, workers: int = 0, cache: bool = True, p
     classes, candidates, skipped = _list_candidates(root)
     if not candidates:
         raise DatasetError(f"no image files ({', '.join(IMG_EXTENSIONS)}) in {root}")
+    source = _label_source(root, classes, candidates, labels, cache)
+    if source is not None:  # labelled before anything is decoded: a wrong label file stops at once
+        classes, paths = _class_folders(source), [p for p, _ in candidates]
+        candidates = list(zip(paths, label_files.assign(source, root, paths, classes)))
     saved = load_saved(root, max_pixels) if cache else Saved()
     stamps = {path: _stamp(path) for path, _ in candidates}
     verdicts, todo = _reuse_verdicts(root, stamps, saved.verdicts)
@@ -135,6 +153,7 @@ def build_index(root: str | os.PathLike, workers: int = 0, cache: bool = True, p
     verdicts.update(zip(todo, check_all(todo, max_pixels, workers, meter)))
     index = _assemble(root, classes, candidates, skipped, verdicts, stamps)
     index.checked, index.max_pixels = len(todo), max_pixels
+    index.labels_from = source.record() if source is not None else None
     index.reused = sum(stamp is not None for stamp in stamps.values()) - len(todo)
     if cache:
         save_if_changed(index, saved)
@@ -142,6 +161,38 @@ def build_index(root: str | os.PathLike, workers: int = 0, cache: bool = True, p
         where = f"; see {index.report_path}" if index.report_path else ""
         raise DatasetError(f"no decodable images in {root}: {len(index.skipped)} files skipped{where}")
     return index
+
+
+def _label_source(root: str, classes: list[str], candidates: list[tuple[str, int]],
+                  labels: str | os.PathLike | None, cache: bool) -> label_files.LabelSource | None:
+    """Where a flat folder's labels come from: the file named by ``labels``, else the one its saved
+    index recorded (while it is there), else one found beside the folder; None for a class tree."""
+    if classes:
+        if labels is not None:
+            raise DatasetError(f"{root} has class folders, which are its labels; a label file "
+                               f"({os.fspath(labels)}) is for a flat folder of images")
+        return None
+    if labels is not None:
+        return label_files.explicit(labels, root)
+    recorded = label_files.LabelSource.from_record(recorded_labels(root)) if cache else None
+    if recorded is not None and recorded.present():
+        return recorded
+    found = label_files.detect(root, [os.path.basename(p) for p, _ in candidates])
+    if found is None and recorded is not None:
+        raise DatasetError(f"{root}: its index took the labels from {recorded.files[0]}, which is gone; "
+                           f"name the label file again (python -m byol_fast.data index {root} --labels FILE)")
+    return found
+
+
+def _class_folders(source: label_files.LabelSource) -> list[str]:
+    """The classes a label file's synsets or indices refer to: the class-folder names of the train
+    split beside the folder, sorted (the order of its own index, so that labels agree)."""
+    folder = source.classes_from
+    classes = [e.name for e in _sorted_entries(folder) if e.is_dir()] if os.path.isdir(folder) else []
+    if not classes:
+        raise DatasetError(f"{source.files[0]}: its labels need the class folders of {folder}, "
+                           "and there are none (the classes of a label file are those of train/)")
+    return classes
 
 
 def _check_folder(root: str | os.PathLike) -> str:
@@ -214,7 +265,7 @@ def _from_json(data: dict, index_path: Path) -> Index:
     return Index(root=root, files=files, labels=list(f["label"]), classes=list(data["classes"]),
                  skipped=skipped, kinds=list(f["kind"]), index_path=str(index_path),
                  report_path=str(report) if report.exists() else None, reused=len(files),
-                 max_pixels=data["max_pixels"], stamps=stamps)
+                 max_pixels=data["max_pixels"], stamps=stamps, labels_from=data.get("labels_from"))
 
 
 def checked_index(path: str | os.PathLike, info, workers: int = 0) -> Index:

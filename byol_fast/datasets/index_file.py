@@ -4,7 +4,9 @@ An index is saved inside the dataset folder (``.byol_index.json``) when that is 
 ``~/.cache/byol_fast/`` under a hash of the folder's path; a human-readable report of the skipped
 files sits next to it. Writes are atomic (temporary file, then rename), so another rank reading
 the index never sees half a file. Paths in the file are relative to the dataset root; each entry
-keeps the file's (size, mtime_ns), the key under which a later scan reuses its verdict.
+keeps the file's (size, mtime_ns), the key under which a later scan reuses its verdict. A flat
+folder labelled by a label file (byol_fast.datasets.label_files) records which file in
+``labels_from``, and a later scan reads it again.
 """
 from __future__ import annotations
 
@@ -88,6 +90,16 @@ def load_saved(root: str, max_pixels: int) -> Saved:
     return Saved()
 
 
+def recorded_labels(root: str) -> dict | None:
+    """The label source (``labels_from``) a saved index of ``root`` recorded, whatever its
+    max_pixels, so that a later scan labels the folder from the same files; None when none did."""
+    for path in index_locations(root):
+        data = read_index_json(path)
+        if data is not None and data.get("root") == root and data.get("labels_from"):
+            return data["labels_from"]
+    return None
+
+
 def _saved_verdicts(data: dict) -> dict[str, tuple[int, int, bool, str]]:
     """relpath -> (size, mtime_ns, ok, kind or reason) for every cacheable entry of a saved index."""
     f = data["files"]
@@ -121,6 +133,8 @@ def to_json(index: Index) -> dict:
             "mtime_ns": [index.stamps[p][1] for p in index.files],
         },
         "skipped": skipped,
+        # Only for a flat folder labelled by a label file: a folder index keeps the format it had.
+        **({"labels_from": index.labels_from} if index.labels_from else {}),
     }
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from byol_fast.datasets.image_check import MAX_PIXELS, reason_category
+from byol_fast.datasets.label_files import KINDS
 from byol_fast.errors import DatasetError
 
 
@@ -93,13 +94,13 @@ class LabelledSamples:
         raise NotImplementedError
 
 
-
 @dataclass
 class Index(LabelledSamples):
     """Decodable images of one folder, in ImageFolder order.
 
     files: absolute paths; labels: class index per file (``-1`` for a flat folder); classes: sorted
-    class-folder names (empty for a flat folder); root: the absolute folder; skipped: (path, reason)
+    class-folder names (empty for a flat folder; for a flat folder labelled by a label file, those of
+    the ``train/`` beside it, see ``labels_from``); root: the absolute folder; skipped: (path, reason)
     for every candidate left out (and empty class folders); kinds: what each kept file really is.
     checked / reused: files decoded by this call / taken from the cache (0 / len(files) on a
     fully cached second scan).
@@ -116,6 +117,9 @@ class Index(LabelledSamples):
     checked: int = 0
     reused: int = 0
     max_pixels: int = MAX_PIXELS
+    # Where the labels of a flat folder came from (byol_fast.datasets.label_files.LabelSource.record);
+    # None when the class folders are the labels.
+    labels_from: dict | None = None
     # (size, mtime_ns) per path, kept and cacheable skipped files alike: the cache key.
     stamps: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
@@ -151,8 +155,15 @@ class Index(LabelledSamples):
             f"  kept     {len(self.files)} images ({kinds})",
             f"  skipped  {len(self.skipped)} ({skips})",
             f"  classes  {self.num_classes}" if self.labelled else "  classes  none (flat folder, labels -1)",
+            *([f"  labels   {_describe(self.labels_from)}"] if self.labels_from else []),
             f"  decoded  {self.checked} files now, {self.reused} reused from the cache",
             f"  index    {self.index_path or 'not written'}",
             f"  report   {self.report_path or 'not written'}",
         ]
         return "\n".join(lines)
+
+
+def _describe(labels_from: dict) -> str:
+    """The summary's line on a label file: which files, of what kind, and whose class folders."""
+    kind = KINDS.get(labels_from.get("kind"), labels_from.get("kind"))
+    return f"{' + '.join(labels_from.get('files', []))} ({kind}), classes of {labels_from.get('classes_from')}"
