@@ -30,7 +30,6 @@ class MLP(nn.Sequential):
         )
 
 
-
 class Tower(nn.Module):
     """Encoder followed by projector: what both the online and the target network are made of; with
     PixPro (``pixels``) also a pixel projector on the encoder's last feature map."""
@@ -49,7 +48,6 @@ class Tower(nn.Module):
         """(pooled features (N, width), the feature map (N, width, h, w)) from one pass."""
         fmap = feature_map(self.encoder, x)
         return torch.flatten(self.encoder.avgpool(fmap), 1), fmap
-
 
 
 class BYOL(nn.Module):

@@ -14,7 +14,6 @@ def freeze(encoder: nn.Module) -> nn.Module:
     return encoder
 
 
-
 class FeatureExtractor(nn.Module):
     """Input normalisation + frozen encoder: images (N, 3, H, W) -> features (N, F) float32.
 

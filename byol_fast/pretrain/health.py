@@ -19,7 +19,6 @@ def collapse_stats(projection: torch.Tensor) -> dict[str, torch.Tensor]:
             "collapse/dead_fraction": (std < 0.1 * healthy).float().mean()}
 
 
-
 def pair_retrieval(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Fraction of a batch whose prediction (view 1) is closer in cosine to its own image's target
     projection (view 2) than to any other image's: 1/N at chance.

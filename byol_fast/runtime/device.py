@@ -17,7 +17,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda")
 
 
-
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """``precision`` of a config -> the autocast dtype: bf16 where the GPU supports it, else fp16
     (with a GradScaler); fp32 on the CPU."""
@@ -30,14 +29,12 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.float16
 
 
-
 def decode_device(reader: ReaderConfig, device: torch.device) -> str:
     """Where DALI decodes and augments: ``reader.decode``, with auto = gpu on a CUDA device, else cpu."""
     where = ("gpu" if device.type == "cuda" else "cpu") if reader.decode == "auto" else reader.decode
     if where == "gpu" and device.type != "cuda":
         raise ConfigError("reader.decode: 'gpu' needs a run on a CUDA GPU")
     return where
-
 
 
 def per_process_batch(batch_size: int, world_size: int, accumulate: int = 1, key: str = "batch_size") -> int:
@@ -47,7 +44,6 @@ def per_process_batch(batch_size: int, world_size: int, accumulate: int = 1, key
         raise ConfigError(f"{key}: {batch_size} does not divide into {world_size} processes "
                           f"x {accumulate} accumulation steps")
     return batch_size // parts
-
 
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

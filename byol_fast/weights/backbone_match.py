@@ -29,7 +29,6 @@ def nearest_backbone(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, tor
     return best
 
 
-
 def infer_backbone(state: dict[str, torch.Tensor], source: str | Path = "state_dict") -> str:
     """The backbone whose encoder keys and shapes are exactly those of ``state``; otherwise a
     CheckpointError naming what differs from the nearest one."""
@@ -44,7 +43,6 @@ def infer_backbone(state: dict[str, torch.Tensor], source: str | Path = "state_d
                           f"nearest {nearest}: {hint}")
 
 
-
 def _key_hint(given: set[str], expected: set[str]) -> str:
     """A message naming missing/unexpected keys and a common prefix, the usual cause."""
     missing, unexpected = sorted(expected - given), sorted(given - expected)
@@ -53,7 +51,6 @@ def _key_hint(given: set[str], expected: set[str]) -> str:
     if len(firsts) == 1 and not firsts & {k.split(".", 1)[0] for k in expected}:
         msg += f"; every key starts with '{firsts.pop()}.': strip that prefix (a DDP or wrapper name) and save again"
     return msg
-
 
 
 def load_backbone_weights(encoder: nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:

@@ -24,7 +24,6 @@ class UnsafeFileError(ValueError):
     """A file that would run code to load; the message names the file and the callable."""
 
 
-
 class Unread:
     """An object of a plain-data class that training scripts put beside their weights (the script's
     ``argparse.Namespace``, mmengine's log buffers), rebuilt without its class: the pickled attributes
@@ -41,10 +40,8 @@ class Unread:
         return f"<{self.kind}, not read>"
 
 
-
 def _unread(kind: str) -> type:
     return type(kind.rsplit(".", 1)[-1], (Unread,), {"kind": kind, "__module__": __name__})
-
 
 
 # Plain-data classes found beside the weights of other projects' checkpoints: admitted as Unread
@@ -53,7 +50,6 @@ DATA_CLASSES = {name: _unread(name) for name in (
     "argparse.Namespace",  # training scripts saving their arguments (torchvision's references, DINO, ...)
     "mmengine.logging.history_buffer.HistoryBuffer",  # an mmengine training checkpoint's message_hub
 )}
-
 
 
 def _dill_array(rebuild, args, state, attributes=None) -> safe_arrays.ArraySpec:
@@ -70,16 +66,13 @@ def _dill_array(rebuild, args, state, attributes=None) -> safe_arrays.ArraySpec:
     return array
 
 
-
 class _Budget(threading.local):
     """What this thread's current read has made (see ``byol_fast.weights.safe_load._guarded``)."""
 
     classes = 0
 
 
-
 BUDGET = _Budget()
-
 
 
 def _dill_namedtuple(name, fields, module, defaults=None) -> type:
@@ -105,18 +98,15 @@ def _dill_namedtuple(name, fields, module, defaults=None) -> type:
         raise UnsafeFileError(f"dill's namedtuple {safe_arrays.brief(name)} ({str(e)[:120]})") from None
 
 
-
 class _Module(str):
     """A module as dill 0.3 names one (``dill._dill._import_module(name)``), never imported: only
     :func:`_dill_attribute` reads from it, and only what the allow-list holds."""
-
 
 
 def _dill_module(name) -> _Module:
     if type(name) is not str:
         raise UnsafeFileError(f"dill's module named by {safe_arrays.brief(name)}")
     return _Module(name)
-
 
 
 def _dill_attribute(module, name):
@@ -129,7 +119,6 @@ def _dill_attribute(module, name):
     return ALLOWED[(str(module), name)]
 
 
-
 def _codecs_encode(text, encoding="utf-8") -> bytes:
     """``_codecs.encode(text, "latin1")``: how protocol-2 pickles write bytes (no other codec is looked up)."""
     if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
@@ -137,13 +126,11 @@ def _codecs_encode(text, encoding="utf-8") -> bytes:
     return text.encode("latin-1")
 
 
-
 def _empty_bytes(*args) -> bytes:
     """``bytes()``: how protocol-2 pickles write an empty bytes object (an empty array's data)."""
     if args:
         raise UnsafeFileError("loading it would call bytes with arguments")
     return b""
-
 
 
 # The one allow-list of plain pickles: (module, name) -> what it may stand for. numpy's array and
@@ -174,10 +161,8 @@ ALLOWED = {
 }
 
 
-
 # The objects whose state a file may set (pickle's BUILD): the numpy builders and the Unread stand-ins.
 _BUILDABLE = (safe_arrays.ArraySpec, safe_arrays.DtypeSpec, Unread)
-
 
 
 class ArrayUnpickler(pickle._Unpickler):
@@ -252,22 +237,17 @@ class ArrayUnpickler(pickle._Unpickler):
     del _checked, _MAPPINGS
 
 
-
 # What hashes the items it is given (dict keys, set items): a file's nested tuples must not reach it.
 _HASHING = {set, frozenset, dict, collections.OrderedDict, collections.Counter}
-
 
 
 _SCALARS = (str, bytes, int, float, bool, complex, type(None))
 
 
-
 _ITEM_SOURCES = (list, tuple, dict, collections.OrderedDict, collections.Counter, set, frozenset)
 
 
-
 MAX_KEY_BITS = 256  # an int's hash is not cached: a huge int key rehashed at every reference
-
 
 
 def _check_keys(keys) -> None:
@@ -278,7 +258,6 @@ def _check_keys(keys) -> None:
         if not all(type(part) in _SCALARS and (type(part) is not int or part.bit_length() <= MAX_KEY_BITS)
                    for part in parts):
             raise UnsafeFileError(f"a dict key or set item of {safe_arrays.brief(key)}")
-
 
 
 def named(obj) -> str:
