@@ -25,7 +25,7 @@ from byol_fast.optim.schedules import lr_at, scaled_lr, tau_at
 from byol_fast.pretrain.health import collapse_stats, pair_retrieval
 from byol_fast.pretrain.learner import Learner
 from byol_fast.pretrain.monitors import KnnMonitor, OnlineProbe
-from byol_fast.runtime import dist
+from byol_fast.runtime import dist, out_dir
 from byol_fast.runtime.cli import run_cli
 from byol_fast.runtime.device import per_process_batch, to_device
 from byol_fast.runtime.process import PREEMPTED_EXIT, Process, SaveSchedule, git_revision
@@ -70,7 +70,7 @@ class Run:
         self.log(self.proc.banner("pretraining"))
         self.log("resolved config:\n" + to_yaml(cfg))
         if self.info.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            out_dir.prepare(self.out)
             (self.out / "config.yaml").write_text(to_yaml(cfg))
 
         # ------------------------------------------------------------------ data
@@ -100,6 +100,8 @@ class Run:
             self.probe = OnlineProbe(self.learner.byol.online.width, self.index.num_classes, self.device,
                                      cfg.monitor.probe_lr)
         self.step = 0
+        if self.info.is_main:
+            out_dir.check_room(self.out, out_dir.state_bytes(self.learner.state_dict()))
         self.writer = Writer(str(self.out), self.info.is_main)
         self.schedule = SaveSchedule(cfg.checkpoint_minutes, self.log)
         self.saver = ckpt.BackgroundWriter()  # checkpoints written off the loop's critical path

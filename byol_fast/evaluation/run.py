@@ -38,7 +38,7 @@ from byol_fast.evaluation.features import loader_features
 from byol_fast.models.feature_extractor import freeze
 from byol_fast.models.resnet import build_encoder
 from byol_fast.optim.schedules import lr_at, scaled_lr
-from byol_fast.runtime import dist
+from byol_fast.runtime import dist, out_dir
 from byol_fast.runtime.cli import run_cli
 from byol_fast.runtime.device import per_process_batch, resolve_precision
 from byol_fast.runtime.process import NEVER, PREEMPTED_EXIT, Process, SaveSchedule, git_revision
@@ -135,6 +135,13 @@ class ClassifierRun:
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.peak_lr = scaled_lr(cfg.lr, cfg.batch_size)
         self.epoch, self.results = 0, []
+        if self.info.is_main:
+            c = self.classifier
+            saved = [c.encoder.state_dict(), dist.unwrap(c.head).state_dict()]
+            if self.finetune:
+                saved.append(list(c.encoder.parameters()))  # SGD's momentum of every trained weight
+            out_dir.prepare(self.out)
+            out_dir.check_room(self.out, out_dir.state_bytes(*saved))
         self.writer = Writer(str(self.out), self.info.is_main)
         self.schedule = SaveSchedule(NEVER, self.log)  # saves at epoch ends; a stop repeats the epoch
         self.resume()
