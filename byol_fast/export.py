@@ -40,11 +40,7 @@ from byol_fast.errors import CheckpointError
 from byol_fast.models.feature_extractor import FeatureExtractor
 from byol_fast.runtime.cli import run_cli
 from byol_fast.weights.checkpoint import save_encoder, save_encoder_safetensors
-from byol_fast.weights.encoder_file import (
-    EncoderWeights,
-    build_frozen_encoder,
-    read_encoder_weights,
-)
+from byol_fast.weights.encoder_file import EncoderWeights, build_frozen_encoder, read_encoder_weights
 
 FORMATS = {"safetensors": ".safetensors", "onnx": ".onnx", "torch_export": ".pt2", "torchscript": ".torchscript.pt"}
 CHECK_TOLERANCE = 1e-3  # largest |ONNX Runtime - PyTorch| feature difference, relative to the largest feature

@@ -47,16 +47,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.pipeline import Pipeline
 
 from byol_fast.config import DataConfig, ReaderConfig, ViewConfig
-from pipelines.colour import (
-    BRIGHTNESS,
-    CONTRAST,
-    GREY,
-    HUE,
-    ORDERS,
-    SATURATION,
-    factor_range,
-    hue_range,
-)
+from pipelines.colour import BRIGHTNESS, CONTRAST, GREY, HUE, ORDERS, SATURATION, factor_range, hue_range
 from pipelines.decode import INTERP, build, decode, normalise, read
 from pipelines.shards import ShardList
 

@@ -19,15 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
-from byol_fast.config import (
-    FinetuneConfig,
-    LinearConfig,
-    load_config,
-    parse_overrides,
-    to_dict,
-    to_yaml,
-    validate,
-)
+from byol_fast.config import FinetuneConfig, LinearConfig, load_config, parse_overrides, to_dict, to_yaml, validate
 from byol_fast.datasets import object_store as store
 from byol_fast.datasets.loaders import eval_loader, shard_of
 from byol_fast.datasets.open_dataset import checked_dataset
@@ -45,11 +37,7 @@ from byol_fast.runtime.process import NEVER, PREEMPTED_EXIT, Process, SaveSchedu
 from byol_fast.runtime.progress import Throughput
 from byol_fast.runtime.tensorboard import Writer
 from byol_fast.weights import checkpoint as ckpt
-from byol_fast.weights.encoder_file import (
-    EncoderWeights,
-    build_frozen_encoder,
-    read_encoder_weights,
-)
+from byol_fast.weights.encoder_file import EncoderWeights, build_frozen_encoder, read_encoder_weights
 
 RESULTS = "results.json"
 # The recipe in a run's source, so that a sweep sharing one out_dir never resumes another learning

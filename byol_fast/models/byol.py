@@ -9,12 +9,7 @@ from torch import nn
 
 from byol_fast.config import ModelConfig
 from byol_fast.models.loss import byol_loss
-from byol_fast.models.pixpro import (
-    PixelProjector,
-    PixelPropagation,
-    correspondence,
-    pixpro_loss,
-)
+from byol_fast.models.pixpro import PixelProjector, PixelPropagation, correspondence, pixpro_loss
 from byol_fast.models.resnet import build_encoder, feature_map
 
 
