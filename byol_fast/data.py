@@ -59,7 +59,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     idx = sub.add_parser("index", help="scan and check an image folder; write its index and report")
     idx.add_argument("data", help="ImageFolder tree (class folders) or flat folder of images")
     idx.add_argument("--workers", type=int, default=0, help="decoding processes (0 = all cores)")
-    idx.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="skip larger images")
+    idx.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                     help="RGB pixels an image may decode to (its budget: this x 3 bytes); larger ones are reported")
     idx.add_argument("--no-cache", action="store_true", help="decode everything; write nothing")
     idx.add_argument("--labels", metavar="FILE", help="labels of a flat folder: the devkit's ground truth (or its "
                      "folder), Kaggle's LOC_val_solution.csv, or a 'path label' list (default: found beside DATA)")

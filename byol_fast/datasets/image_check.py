@@ -24,9 +24,17 @@ from byol_fast.runtime.progress import Progress
 # frames appended (camera files); decoders read its first JPEG frame. GIF is not in DALI's list.
 DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "PPM", "TIFF", "WEBP", "JPEG2000"})
 
-# Above ImageNet's largest images (about 6000 x 6000 = 36 MP) with room to spare, and below PIL's
-# own decompression-bomb error (2 x Image.MAX_IMAGE_PIXELS = 179 MP), so our limit is the one hit.
-MAX_PIXELS = 100_000_000
+# The budget of one image is what its decode allocates, judged from the header before any pixel is
+# decoded (a 300 KB PNG may say 10,000 x 10,000: 300 MB decoded, per image of a batch). DALI's
+# decoder writes height x width x 3 bytes (RGB, uint8), and goes through as many channels as the
+# file has when that is more (CMYK, RGBA: 4).
+DECODED_CHANNELS = 3
+# 64 MP of RGB: above ImageNet's largest images (about 6000 x 6000 = 36 MP, 108 MB decoded) with
+# room to spare, and below PIL's own decompression-bomb error (2 x Image.MAX_IMAGE_PIXELS = 179 MP).
+MAX_DECODED_BYTES = 192_000_000
+# The same budget counted in RGB pixels: what ``max_pixels`` (and ``--max-pixels``) set; an image
+# may take max_pixels x DECODED_CHANNELS bytes decoded.
+MAX_PIXELS = MAX_DECODED_BYTES // DECODED_CHANNELS
 
 # Below this many files to decode, process start-up costs more than it saves.
 POOL_MIN_FILES = 64
@@ -41,7 +49,9 @@ def check_image(path: str, max_pixels: int = MAX_PIXELS) -> tuple[bool, str]:
     kind is ``"<FORMAT>:<MODE>"`` with ``":progressive"`` for progressive JPEGs, e.g. ``"JPEG:RGB"``,
     ``"JPEG:CMYK"``, ``"JPEG:L:progressive"``, ``"PNG:RGBA"``. reason starts with a category
     (``empty file``, ``unreadable``, ``missing``, ``not an image``, ``unsupported format``,
-    ``too large``, ``truncated``, ``corrupt``), then ``": "`` and details.
+    ``too large``, ``truncated``, ``corrupt``), then ``": "`` and details. ``too large``: the
+    decoded bytes (:func:`decoded_bytes`, from the header) are over ``max_pixels x DECODED_CHANNELS``;
+    such a file is never decoded.
     """
     try:
         if os.path.getsize(path) == 0:
@@ -72,8 +82,10 @@ def _decode_opened(img: Image.Image, max_pixels: int) -> tuple[bool, str]:
     fmt, (width, height) = img.format, img.size
     if fmt not in DALI_FORMATS:
         return False, f"unsupported format: {fmt} (DALI cannot decode it)"
-    if width * height > max_pixels:
-        return False, f"too large: {width}x{height} pixels > max_pixels {max_pixels}"
+    need, budget = decoded_bytes(width, height, img.mode), max_pixels * DECODED_CHANNELS
+    if need > budget:
+        return False, (f"too large: {width}x{height} {img.mode} decodes to {need:,} bytes, over the budget of "
+                       f"{budget:,} (max_pixels {max_pixels:,} x {DECODED_CHANNELS} channels)")
     kind = f"{fmt}:{img.mode}" + (":progressive" if img.info.get("progressive") else "")
     # JPEG only: decode at 1/8 scale. Every entropy-coded byte is still decoded (so truncation and
     # broken scans are still caught); only the inverse DCT shrinks, which is most of the cost.
@@ -81,6 +93,16 @@ def _decode_opened(img: Image.Image, max_pixels: int) -> tuple[bool, str]:
     img.load()
     img.convert("RGB")  # the pipeline wants 3 channels; CMYK, palette and 16-bit must convert
     return True, kind
+
+
+def decoded_bytes(width: int, height: int, mode: str) -> int:
+    """Bytes the decoder allocates for one image of this size and PIL mode: DECODED_CHANNELS bytes a
+    pixel, or one a channel when the file has more channels than that."""
+    try:
+        channels = Image.getmodebands(mode)
+    except (KeyError, ValueError):  # a mode PIL cannot name the bands of: count the most there are
+        channels = 4
+    return width * height * max(DECODED_CHANNELS, channels)
 
 
 def reason_category(reason: str) -> str:

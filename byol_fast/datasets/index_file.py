@@ -7,6 +7,12 @@ the index never sees half a file. Paths in the file are relative to the dataset 
 keeps the file's (size, mtime_ns), the key under which a later scan reuses its verdict. A flat
 folder labelled by a label file (byol_fast.datasets.label_files) records which file in
 ``labels_from``, and a later scan reads it again.
+
+An index file is read bounded (byol_fast.datasets.untrusted: at most 256 MB, JSON nested at most 32
+deep) and its structure checked by type before anything uses it (:func:`load_index_json`): each
+required key there and of its type, the columns of one length, every label one of the classes (or
+-1 without classes), every path relative and inside the root. A mistake is one line naming the file
+and the key; a cached index with one is ignored and the folder scanned again.
 """
 from __future__ import annotations
 
@@ -19,11 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from byol_fast.datasets.samples import Index
+from byol_fast.datasets.untrusted import read_json, utf8
+from byol_fast.errors import DatasetError
 
 INDEX_NAME = ".byol_index.json"
 INDEX_FORMAT = "byol_fast.index"
 # Bump when check_image's verdicts change, so older caches are not trusted.
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+# The columns of the kept files, with the type of their entries.
+_COLUMNS = {"path": str, "label": int, "kind": str, "size": int, "mtime_ns": int}
 
 
 def relative(path: str, root: str) -> str:
@@ -58,14 +68,63 @@ def report_path_for(index_path: str | os.PathLike) -> Path:
 
 
 def read_index_json(path: Path) -> dict | None:
-    """A saved index as a dict, or None when absent, unreadable or not ours."""
+    """A saved index as a dict, or None when absent, unreadable, not ours or not well formed."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return load_index_json(path)
+    except DatasetError:
         return None
-    if not isinstance(data, dict):
-        return None
-    return data if (data.get("format"), data.get("version")) == (INDEX_FORMAT, INDEX_VERSION) else None
+
+
+def load_index_json(path: str | os.PathLike) -> dict:
+    """A saved index as a dict, read bounded and its structure checked (see the module docstring); a
+    DatasetError of one line naming the file and the key when it is not a well-formed index."""
+    where = os.fspath(path)
+    data = read_json(where)
+    if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (INDEX_FORMAT, INDEX_VERSION):
+        raise DatasetError(f"not a byol_fast index file (or another version): {where}")
+    root = _typed(data, "root", str, where)
+    if not os.path.isabs(root) or "\0" in root or not utf8(root):
+        raise DatasetError(f"{where}: root: {root[:200]!r} is not the absolute path of a folder")
+    classes = _typed(data, "classes", list, where)
+    _entries(classes, str, where, "classes")
+    if _typed(data, "max_pixels", int, where) <= 0:
+        raise DatasetError(f"{where}: max_pixels: expected a whole number > 0")
+    files = _typed(data, "files", dict, where)
+    for key, kind in _COLUMNS.items():
+        _entries(_typed(files, key, list, where, "files."), kind, where, f"files.{key}")
+    if len({len(files[k]) for k in _COLUMNS}) != 1:
+        raise DatasetError(f"{where}: files: its columns ({', '.join(_COLUMNS)}) differ in length")
+    bad = next((i for i, y in enumerate(files["label"]) if not (0 <= y < len(classes) if classes else y == -1)), None)
+    if bad is not None:
+        allowed = f"one of the {len(classes)} classes (0..{len(classes) - 1})" if classes else "-1 (no classes)"
+        raise DatasetError(f"{where}: files.label[{bad}] = {files['label'][bad]}, expected {allowed}")
+    for i, entry in enumerate(_typed(data, "skipped", list, where)):
+        key = f"skipped[{i}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) \
+                or not isinstance(entry.get("reason"), str) \
+                or any(type(entry.get(k)) not in (int, type(None)) for k in ("size", "mtime_ns")):
+            raise DatasetError(f"{where}: {key}: expected {{path: str, reason: str, size: int or null, "
+                               "mtime_ns: int or null}")
+    if data.get("labels_from") is not None and not isinstance(data["labels_from"], dict):
+        raise DatasetError(f"{where}: labels_from: expected an object")
+    return data
+
+
+def _typed(data: dict, key: str, kind: type, where: str, prefix: str = ""):
+    """``data[key]``, or a DatasetError naming the file and the key when it is missing or not a ``kind``."""
+    if key not in data:
+        raise DatasetError(f"{where}: {prefix}{key}: missing")
+    value = data[key]
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise DatasetError(f"{where}: {prefix}{key}: expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _entries(values: list, kind: type, where: str, key: str) -> None:
+    """A DatasetError naming the first entry of ``values`` that is not a ``kind`` (a bool is no int)."""
+    bad = next((i for i, v in enumerate(values) if type(v) is not kind), None)
+    if bad is not None:
+        raise DatasetError(f"{where}: {key}[{bad}]: expected {kind.__name__}, got {type(values[bad]).__name__}")
 
 
 @dataclass

@@ -27,6 +27,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+from byol_fast.datasets.untrusted import escapes, leads_out
 from byol_fast.errors import DatasetError
 
 # The largest label file read: ImageNet's are 0.3-3 MB (a 1.28-million-line train list about 40 MB).
@@ -300,12 +301,9 @@ def assign(source: LabelSource, root: str, files: list[str], classes: list[str])
 
 
 def _relative(rel: str, where: str, line: int) -> str:
-    """A listed path, normalised; a DatasetError when it is absolute or climbs out with '..'."""
-    if os.path.isabs(rel) or rel.startswith("\\"):
-        why = "an absolute path"
-    elif ".." in rel.replace("\\", "/").split("/"):
-        why = "a path climbing out with '..'"
-    else:
+    """A listed path, normalised; a DatasetError when it leaves the folder (byol_fast.datasets.untrusted.escapes)."""
+    why = escapes(rel)
+    if why is None:
         return os.path.normpath(rel)
     raise DatasetError(f"{where}:{line}: {rel!r} is {why}; a listed image must be inside the split folder")
 
@@ -315,9 +313,10 @@ def _refuse_link_out(path: str, root: str, where: str, line: int) -> None:
     a link (or a path through a sub-folder, which may be one) is resolved: a plain file is inside."""
     if os.sep not in path[len(os.path.join(root, "")):] and not os.path.islink(path):
         return
-    if not os.path.realpath(path).startswith(os.path.join(os.path.realpath(root), "")):
+    real = leads_out(path, (os.path.realpath(root),))
+    if real is not None:
         raise DatasetError(f"{where}:{line}: {os.path.basename(path)} is a link leading out of {root} "
-                           f"(to {os.path.realpath(path)}); a listed image must be inside the split folder")
+                           f"(to {real}); a listed image must be inside the split folder")
 
 
 def _class_index(e: Entry, index: dict[str, int], n: int, source: LabelSource, where: str) -> int:

@@ -7,13 +7,15 @@ folder's :class:`byol_fast.datasets.samples.Index` offers the same), and the
 :class:`pipelines.shards.ShardSamples` the DALI loaders read. Before anything trains it checks, and
 stops with one line naming the shard:
 
-- the manifest: present, of this format, every field of its type, no tar listed twice, its counts
-  adding up;
+- the manifest: present, read bounded (byol_fast.datasets.untrusted: 256 MB, nested 32 deep at
+  most), of this format, every field of its type, every tar and index file named by a path inside
+  the set's folder, no tar listed twice, its counts adding up;
 - each tar: present, of the size the manifest records (a truncated tar is refused), its first and
   last sample's tar headers intact and naming what the index file says, and its first and last images
   the bytes packed (sha256; a tar replaced by another of the same layout is refused);
-- each index file: present, the one the manifest records (sha256: a stale or edited one is refused),
-  every sample with one image and its ``.cls`` label, every member inside the tar;
+- each index file: present, at most 64 MB, the one the manifest records (sha256: a stale or edited
+  one is refused), every sample with one image and its ``.cls`` label, each member named
+  ``<key>.<ext>`` and inside the tar;
 - the folder: no tar that the manifest does not list.
 
 Rank 0 checks; the others open the set after it
@@ -25,7 +27,6 @@ sha256 against the manifest, every label member against the manifest's labels.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
@@ -36,12 +37,14 @@ import numpy as np
 from byol_fast.datasets import object_store as store
 from byol_fast.datasets.samples import LabelledSamples
 from byol_fast.datasets.shard_pack import FORMAT, LABEL_EXT, MANIFEST, VERSION
+from byol_fast.datasets.untrusted import MAX_JSON_BYTES, join_inside, parse_json
 from byol_fast.errors import DatasetError
 from pipelines.shards import IMAGE_EXTS, ShardSamples
 
 _BLOCK = 512
 _EXT_ID = {e: i for i, e in enumerate(IMAGE_EXTS)}
 _THREADS = 16  # parallel requests when checking many shards on object storage
+_MAX_INDEX_FILE_BYTES = 64 * 2**20  # a 1 GB shard of small images lists about 10,000 samples: 1 MB
 # What each shard entry of a manifest holds, and its type.
 _ENTRY_TYPES = {"tar": str, "index": str, "samples": int, "bytes": int, "sha256": str, "index_sha256": str,
                 "edge_sha256": str, "labels": list}
@@ -57,9 +60,10 @@ def is_shard_set(path) -> bool:
         return False
     try:
         with open(where, "rb") as f:
-            return json.loads(f.read(1 << 20)).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
+            manifest = parse_json(f.read(MAX_JSON_BYTES + 1), where)
+    except (OSError, DatasetError):
         return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 @dataclass
@@ -92,14 +96,11 @@ def _fail(where: str, what: str) -> DatasetError:
 
 def read_manifest(root: str) -> dict:
     path = store.join(root, MANIFEST)
-    raw = store.read_if_there(path)
+    raw = store.read_if_there(path, 0, MAX_JSON_BYTES + 1)
     if raw is None:
         raise _fail(path, "missing: not a shard set, or its packing did not finish "
                           "(python -m byol_fast.data shards SRC OUT writes it last)")
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise _fail(path, f"not valid JSON ({e})") from None
+    manifest = parse_json(raw, path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise _fail(path, f"not a manifest of this byol_fast version ({FORMAT!r}, version {VERSION})")
     shards, classes = manifest.get("shards"), manifest.get("classes", [])
@@ -115,6 +116,8 @@ def read_manifest(root: str) -> dict:
             raise _fail(path, f"{s['tar']}: labels must be whole numbers")
         if len(s["labels"]) != s["samples"]:
             raise _fail(path, f"{s['tar']}: {len(s['labels'])} labels for {s['samples']} samples")
+    for key in ("tar", "index"):
+        join_inside(root, [s[key] for s in shards], path, f"shards.{key}")
     names = [s["tar"] for s in shards]
     if len(set(names)) != len(names):
         raise _fail(path, f"{next(t for t in names if names.count(t) > 1)} is listed twice")
@@ -138,16 +141,18 @@ def parse_index(text: str, where: str, tar_bytes: int) -> list[dict[str, tuple[i
         parts = line.split()
         if not parts or len(parts) % 4:
             raise _fail(where, f"line {n}: expected '<ext> <offset> <size> <name>' per member")
-        members = {}
+        members, key = {}, parts[3].partition(".")[0]
         for ext, offset, size, name in zip(*[iter(parts)] * 4):
             if not (offset.isdigit() and size.isdigit()):
                 raise _fail(where, f"line {n}: offset and size must be numbers")
+            if name != f"{key}.{ext}" or ext in members:
+                raise _fail(where, f"line {n}: member {name[:100]!r} is not {key}.<ext>, one per extension "
+                                   "(byol_fast.datasets.shard_pack names them so)")
             o, z = int(offset), int(size)
             if o % _BLOCK or o + z > tar_bytes:
                 raise _fail(where, f"line {n}: {name} lies outside the tar ({o}+{z} of {tar_bytes} bytes)")
             members[ext] = (o, z, name)
         images = [e for e in members if e in _EXT_ID]
-        key = parts[3].partition(".")[0]
         if not key.isdigit():
             raise _fail(where, f"line {n}: sample key {key!r} is not a number (byol_fast.datasets.shard_pack numbers them)")
         if LABEL_EXT not in members:
@@ -182,9 +187,11 @@ def _open_shard(root: str, entry: dict, check_headers: bool) -> list[dict]:
         raise _fail(tar_path, "missing (the manifest lists it)")
     if size != entry["bytes"]:
         raise _fail(tar_path, f"{size} bytes, the manifest says {entry['bytes']}: truncated or replaced; pack it again")
-    raw = store.read_if_there(idx_path)
+    raw = store.read_if_there(idx_path, 0, _MAX_INDEX_FILE_BYTES + 1)
     if raw is None:
         raise _fail(idx_path, f"missing: the index file of {entry['tar']} (DALI's wds2idx writes one)")
+    if len(raw) > _MAX_INDEX_FILE_BYTES:
+        raise _fail(idx_path, f"larger than {_MAX_INDEX_FILE_BYTES // 2**20} MB, too large for a shard's index file")
     samples = parse_index(raw.decode("utf-8", "replace"), idx_path, size)  # what is wrong, where it can say
     if hashlib.sha256(raw).hexdigest() != entry["index_sha256"]:
         raise _fail(idx_path, f"not the index file the manifest records for {entry['tar']} (stale or edited)")

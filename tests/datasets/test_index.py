@@ -220,19 +220,17 @@ def test_permission_error_is_reported_and_never_cached(tmp_path, monkeypatch):
 
 
 def test_unlistable_subfolder_is_reported(tmp_path, monkeypatch):
-    """Works as root too: os.walk reports the error as a folder it could not list."""
+    """Works as root too: a stand-in for os.scandir refuses to list the sub-folder."""
     root = _small_tree(tmp_path, per_class=1)
     (root / "b" / "sub").mkdir()
-    real_walk = os.walk
+    real_scandir = os.scandir
 
-    def walk_failing_in_sub(top, onerror=None, followlinks=False):
-        for entry in real_walk(top, onerror=onerror, followlinks=followlinks):
-            if entry[0].endswith("sub"):
-                onerror(PermissionError(13, "Permission denied", entry[0]))
-                continue
-            yield entry
+    def scandir_failing_in_sub(path):
+        if str(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
 
-    monkeypatch.setattr(index_module.os, "walk", walk_failing_in_sub)
+    monkeypatch.setattr(index_module.os, "scandir", scandir_failing_in_sub)
     index = build_index(root, workers=1, cache=False, progress=False)
     reason = dict(index.skipped)[str(root / "b" / "sub")]
     assert reason == "unreadable: cannot list folder (Permission denied)"
