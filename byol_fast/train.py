@@ -32,6 +32,7 @@ from byol_fast.runtime.process import PREEMPTED_EXIT, Process, SaveSchedule, git
 from byol_fast.runtime.progress import Window, format_duration
 from byol_fast.runtime.tensorboard import Writer
 from byol_fast.weights import checkpoint as ckpt
+from byol_fast.weights.checkpoint_schema import require
 
 
 def knn_monitor(cfg: Config, bank, info, device: torch.device, batch: int) -> KnnMonitor | None:
@@ -145,27 +146,30 @@ class Run:
                 torn.unlink(missing_ok=True)
         if not path.exists():
             return
-        state = ckpt.load(path, ckpt.PRETRAIN)
+        state = ckpt.load(path, ckpt.PRETRAIN)  # each field's type and shape checked there
+        require(state, path, ("step", "online", "predictor", "target", "optimizer", "scaler", "rng"),
+                "pretraining checkpoint")
         saved = state.get("config", {}).get("model")
         if saved and saved != to_dict(self.cfg)["model"]:
             raise ckpt.CheckpointError(f"{path} holds a different model ({saved}) from this config's "
                                        f"({to_dict(self.cfg)['model']}): use another out_dir")
         try:
             self.learner.load_state_dict(state)
+            if self.probe and "probe" in state:  # a run that turns the probe on later starts it fresh
+                self.probe.load_state_dict(state["probe"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise ckpt.CheckpointError(f"{path} does not fit this model: {e}") from None
+            raise ckpt.CheckpointError(f"{path} does not fit this model: {' '.join(str(e).split())[:300]}") from None
         ckpt.set_rng_state(state["rng"])
         self.step = state["step"]
         self._resume_loader(state.get("loader") or [])
-        if self.probe and "probe" in state:  # a run that turns the probe on later starts it fresh
-            self.probe.load_state_dict(state["probe"])
         self.log(f"resumed from {path} at step {self.step}")
 
     def _resume_loader(self, states: list) -> None:
         """This rank's saved position, or, saved by another number of processes, the same point of
         the same epoch in this world's data order."""
-        if len(states) == self.info.world_size and "epoch" in (states[self.info.rank] or {}):
-            self.loader.load_state_dict(states[self.info.rank])
+        mine = states[self.info.rank] if len(states) == self.info.world_size else None
+        if isinstance(mine, dict) and "epoch" in mine and "step" in mine:  # (types checked when the file was read)
+            self.loader.load_state_dict(mine)
             return
         epoch, done = divmod(self.step, self.steps_per_epoch)
         self.log(f"no loader position of this run's kind for {self.info.world_size} process(es) in the checkpoint "

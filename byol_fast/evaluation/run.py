@@ -37,6 +37,7 @@ from byol_fast.runtime.process import NEVER, PREEMPTED_EXIT, Process, SaveSchedu
 from byol_fast.runtime.progress import Throughput
 from byol_fast.runtime.tensorboard import Writer
 from byol_fast.weights import checkpoint as ckpt
+from byol_fast.weights.checkpoint_schema import require
 from byol_fast.weights.encoder_file import EncoderWeights, build_frozen_encoder, read_encoder_weights
 
 RESULTS = "results.json"
@@ -230,12 +231,15 @@ class ClassifierRun:
         if ckpt.kind_of(state) != ckpt.LINEAR or not same_source(state.get("source"), self.source()):
             raise ckpt.CheckpointError(f"{path} holds another evaluation ({state.get('source')}); "
                                        f"this run is {self.source()}: use another out_dir")
-        # The stored encoder is the one the classifier was trained on (a random init included).
-        self.classifier.encoder.load_state_dict(state["encoder"], strict=True)
-        dist.unwrap(self.classifier.head).load_state_dict(state["head"])
-        self.classifier.optimizer.load_state_dict(state["optimizer"])
-        if self.finetune and "scaler" in state:
-            self.classifier.scaler.load_state_dict(state["scaler"])
+        require(state, path, ("optimizer", "rng", "epoch", "results"), "linear-evaluation checkpoint")
+        try:  # the stored encoder is the one the classifier was trained on (a random init included)
+            self.classifier.encoder.load_state_dict(state["encoder"], strict=True)
+            dist.unwrap(self.classifier.head).load_state_dict(state["head"])
+            self.classifier.optimizer.load_state_dict(state["optimizer"])
+            if self.finetune and "scaler" in state:
+                self.classifier.scaler.load_state_dict(state["scaler"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ckpt.CheckpointError(f"{path} does not fit this run: {' '.join(str(e).split())[:300]}") from None
         ckpt.set_rng_state(state["rng"])
         self.epoch, self.results = state["epoch"], state["results"]
         self.train_loader.load_state_dict({"epoch": self.epoch, "step": 0})  # saved at the epoch's end

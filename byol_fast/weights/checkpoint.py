@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from byol_fast.errors import CheckpointError
-from byol_fast.weights import safe_load
+from byol_fast.weights import checkpoint_schema, safe_load
 
 LAST = "last.pt"
 PRETRAIN = "byol_fast.pretrain"
@@ -322,22 +322,73 @@ def kind_of(obj: dict) -> str | None:
 
 
 def load(path: str | Path, kind: str | None = None, map_location="cpu") -> dict:
-    """The dict in ``path``; with ``kind``, a CheckpointError unless the file is of that kind."""
+    """The dict in ``path``; with ``kind``, a CheckpointError unless the file is of that kind.
+
+    Every way a file can fail to be one is a CheckpointError naming the file, in one line: missing,
+    unreadable, refused by the readers (it would run code or blow up in memory), not a file these
+    readers understand (text, a .npy, a torn or empty file), not a dict, not of ``kind``, or one of
+    our kinds with a field of the wrong type or shape (:mod:`byol_fast.weights.checkpoint_schema`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:  # neither reader runs code from the file
         state = _read_safetensors(path) if path.suffix == ".safetensors" else safe_load.read(path, map_location)
-    except safe_load.UnsafeFileError as e:
+    except safe_load.UnsafeFileError as e:  # (a ValueError: caught before the readers' own errors)
         raise CheckpointError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same to the user
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {first}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it: {e.strerror or e}") from None
+    except (*safe_load.READ_ERRORS, _safetensors_error()) as e:
+        raise CheckpointError(f"{path}: not a checkpoint byol_fast can read (a torch file, a pickle of arrays "
+                              f"or a safetensors file): {_what_went_wrong(path, e)}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a byol_fast checkpoint (found {type(state).__name__})")
     if kind is not None and kind_of(state) != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint (it is {kind_of(state) or 'of no byol_fast kind'})")
+    check_fields(state, path)
     return state
+
+
+def check_fields(state: dict, path: str | Path) -> None:
+    """CheckpointError naming ``path`` and the field unless ``state``, if of one of our kinds, holds
+    each field in the type and shape its kind's schema (byol_fast.weights.checkpoint_schema) says."""
+    kind, tag = kind_of(state), state.get("kind")
+    if type(tag) is str and tag.startswith("byol_fast.") and tag not in (PRETRAIN, LINEAR):
+        raise CheckpointError(f"{path}: kind: {tag[:60]!r} is no kind of file this version of byol_fast reads "
+                              f"({PRETRAIN}, {LINEAR})")
+    if kind == PRETRAIN:
+        checkpoint_schema.check(state, path, checkpoint_schema.PRETRAIN, what="pretraining checkpoint")
+    elif kind == LINEAR:
+        checkpoint_schema.check(state, path, checkpoint_schema.LINEAR, checkpoint_schema.LINEAR_REQUIRED,
+                                what="linear-evaluation checkpoint")
+    elif kind == ENCODER:
+        checkpoint_schema.check({"state_dict": state}, path, {"state_dict": checkpoint_schema.state_dict})
+        checkpoint_schema.check(encoder_tag(state), path, checkpoint_schema.ENCODER_TAG, where="tag")
+
+
+def _safetensors_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
+
+
+def _what_went_wrong(path: Path, error: BaseException) -> str:
+    """A reader's error in a few words: what a user can act on, never a traceback or a page of text."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty"
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive cut short or damaged (its directory cannot be read)"
+    if head.startswith(b"\x93NUMPY"):
+        return "a numpy .npy array (byol_fast reads arrays pickled in a dict, e.g. by torch.save)"
+    if head.isascii() and all(c >= 32 or c in b"\t\n\r" for c in head):
+        return "it looks like text"
+    if isinstance(error, EOFError):
+        return "it ends before its data does (a file cut short?)"
+    if isinstance(error, (MemoryError, RecursionError)):
+        return f"reading it ran out of {'memory' if isinstance(error, MemoryError) else 'stack'}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:120]}{'...' if len(text) > 120 else ''}" if text else type(error).__name__
 
 
 def rng_state() -> dict:

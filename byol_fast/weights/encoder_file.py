@@ -39,6 +39,7 @@ from byol_fast.models.resnet import build_encoder
 from byol_fast.weights import checkpoint as ckpt
 from byol_fast.weights import importers
 from byol_fast.weights.backbone_match import infer_backbone, load_backbone_weights
+from byol_fast.weights.checkpoint_schema import check, require, state_dict
 
 CLASSIFIER_KEYS = ("fc.weight", "fc.bias")  # torchvision's classifier: not part of the encoder
 
@@ -76,6 +77,7 @@ def encoder_weights(obj: dict, path: str | Path, which: str = "online", backbone
         raise ValueError(f"which: expected 'online' or 'target', got {which!r}")
     kind = ckpt.kind_of(obj)
     if kind == ckpt.PRETRAIN:
+        require(obj, path, (which, "config.model.backbone"), "pretraining checkpoint")
         prefix = "encoder."
         state = {k[len(prefix):]: v for k, v in obj[which].items() if k.startswith(prefix)}
         cfg = obj["config"]
@@ -86,6 +88,7 @@ def encoder_weights(obj: dict, path: str | Path, which: str = "online", backbone
         weights = EncoderWeights(obj["encoder"], obj["backbone"], tuple(obj["mean"]), tuple(obj["std"]),
                                  obj.get("padding", "torchvision"))
     elif obj and all(isinstance(v, torch.Tensor) for v in obj.values()) and not importers.detect(obj):
+        check({"state_dict": obj}, path, {"state_dict": state_dict})  # names as keys, before any is read
         state = {k: v for k, v in obj.items() if k not in CLASSIFIER_KEYS}  # a bare state_dict (ours: tagged)
         tag = ckpt.encoder_tag(obj)
         weights = EncoderWeights(state, backbone or infer_backbone(state, path), tuple(tag.get("mean", IMAGENET_MEAN)),

@@ -26,6 +26,7 @@ readers refuse.
 from __future__ import annotations
 
 import pickle
+import struct
 import zipfile
 from pathlib import Path
 
@@ -43,11 +44,22 @@ def _refusal(path: Path, why: str) -> UnsafeFileError:
                            "arrays, numbers, strings and containers from a file, never code")
 
 
+# What the readers raise on a file that is neither a torch file nor a pickle (text, a .npy, a torn
+# or empty file, a damaged zip): the pickle machine's own errors on bytes that are no pickle
+# (an opcode's operand missing or of another type, a memo index never stored), torch's archive reader
+# (RuntimeError), zipfile's, a decode of bytes that are no text, and what a budget or depth limit of
+# Python raises. byol_fast.weights.checkpoint.load turns each into one line naming the file.
+READ_ERRORS = (pickle.UnpicklingError, EOFError, LookupError, ValueError, TypeError, AttributeError,
+               ArithmeticError, RuntimeError, zipfile.BadZipFile, zipfile.LargeZipFile, struct.error,
+               MemoryError, RecursionError)
+
+
 def read(path: str | Path, map_location="cpu"):
     """The object in ``path`` (a torch file or a plain pickle of arrays), read without running code.
 
-    Raises UnsafeFileError for a file that names any other callable, and lets the readers' own
-    errors through for a file that is neither (the caller words them)."""
+    Raises UnsafeFileError for a file that names any other callable or that a reader refuses, and
+    lets the readers' own errors (:data:`READ_ERRORS`) through for a file that is neither (the
+    caller words them)."""
     path = Path(path)
     if zipfile.is_zipfile(path) or _starts_like_legacy_torch(path):
         return _guarded(path, lambda: safe_torch.read(path, map_location))

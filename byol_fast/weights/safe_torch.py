@@ -17,7 +17,8 @@ torch's is not: no storage or tensor of a size the file chooses (``torch.FloatTe
 elements, views reaching past their storage), no backward hooks, no dunder attributes set on
 tensors, persistent ids that are storages and nothing else, every legacy storage filled from the
 file (torch would hand back uninitialised memory), no old tar-format files (torch extracts them
-without a filter: links out of its folder).
+without a filter: links out of its folder), no compressed records in a zip file (torch inflates them
+whole: a zip bomb).
 """
 from __future__ import annotations
 
@@ -220,6 +221,22 @@ def _pickle_module(state: _Read) -> types.ModuleType:
     return module
 
 
+def _only_stored_records(f) -> None:
+    """Every record of the zip archive ``f`` stored as it is: torch.save never compresses, and torch's
+    archive reader inflates a compressed record whole (a few hundred KB of deflated zeros become
+    gigabytes), so a compressed record is refused before anything of it is read."""
+    f.seek(0)
+    with zipfile.ZipFile(f) as archive:
+        for info in archive.infolist():
+            if info.compress_type != zipfile.ZIP_STORED:
+                method = _ZIP_METHODS.get(info.compress_type, f"method {info.compress_type}")
+                raise UnsafeFileError(f"its record {brief(info.filename)} is compressed ({method}), which "
+                                      "torch.save never does, and it could inflate to far more than the file holds")
+
+
+_ZIP_METHODS = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2", zipfile.ZIP_LZMA: "lzma"}
+
+
 def read(path: Path, map_location="cpu"):
     """The object in the torch file ``path``; UnsafeFileError for what it must not do."""
     serialization = torch.serialization
@@ -229,9 +246,10 @@ def read(path: Path, map_location="cpu"):
             if zipfile.is_zipfile(f):
                 f.seek(0)
                 with serialization._open_zipfile_reader(f) as archive:
-                    if serialization._is_torchscript_zip(archive):
+                    if serialization._is_torchscript_zip(archive):  # (by its records' names)
                         raise UnsafeFileError("it is a TorchScript program: loading it would run its code "
                                               "(torch.jit.load it yourself if you trust it)")
+                    _only_stored_records(f)
                     return serialization._load(archive, map_location, _pickle_module(state), encoding="utf-8")
             if tarfile.is_tarfile(path):
                 raise UnsafeFileError("it is a tar archive (torch's oldest format, which torch extracts unfiltered)")
