@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from byol_fast.config import FinetuneConfig, LinearConfig, load_config
+from byol_fast.errors import CheckpointError, ConfigError
 from byol_fast.models.feature_extractor import freeze
 from byol_fast.runtime import dist
 from byol_fast.runtime.device import to_device
@@ -154,11 +155,18 @@ class ImageClassifier:
     def from_checkpoint(cls, path, device="cpu") -> "ImageClassifier":
         state = ckpt.load(path, ckpt.LINEAR)
         schema = FinetuneConfig if state.get("source", {}).get("finetune") else LinearConfig
-        cfg = load_config(None, state["config"], cls=schema)
+        try:
+            cfg = load_config(None, state["config"], cls=schema)
+        except ConfigError as e:
+            raise CheckpointError(f"{path}: its config: {e}") from None
         weights = encoder_weights(state, path)
         encoder, width = build_frozen_encoder(weights, path)
         head = make_head(width, len(state["classes"]), cfg.head_bn)
-        head.load_state_dict(state["head"])
+        try:
+            head.load_state_dict(state["head"])
+        except (RuntimeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: its classifier head does not fit a {width}-wide encoder and "
+                                  f"{len(state['classes'])} classes: {str(e).splitlines()[0][:200]}") from None
         data = dataclasses.replace(cfg.data, mean=weights.mean, std=weights.std)
         return cls(encoder, head, state["classes"], data, device)
 

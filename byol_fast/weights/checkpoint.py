@@ -26,6 +26,7 @@ import copy
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 import time
@@ -51,6 +52,18 @@ def _write_file(obj, f) -> None:
     torch.save(obj, f)
 
 
+def _failed_write(e: BaseException) -> bool:
+    """Whether ``e`` is the disk refusing a write (full, read-only, gone) rather than a bug: an OSError,
+    or torch's archive writer reporting a short write as a RuntimeError without the errno."""
+    return isinstance(e, OSError) or (isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("PytorchStreamWriter failed", "unexpected pos", "file write failed")))
+
+
+def _first_line(e: BaseException) -> str:
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return (text.strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def atomic_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -61,8 +74,12 @@ def atomic_save(obj, path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # a full disk, an unpicklable entry: give the space back, keep the old file
+    except BaseException as e:  # a full disk, an unpicklable entry: give the space back, keep the old file
         tmp.unlink(missing_ok=True)
+        if _failed_write(e):
+            free = shutil.disk_usage(path.parent).free / 1024 ** 3
+            raise CheckpointError(f"{path}: could not be written ({_first_line(e)}; {free:.2f} GB free on its "
+                                  f"disk); the previous checkpoint there is kept") from None
         raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)

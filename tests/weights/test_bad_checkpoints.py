@@ -205,3 +205,19 @@ def test_a_compressed_record_is_refused_before_it_is_read(made, tmp_path, monkey
     monkeypatch.setattr(torch.serialization, "_load", lambda *a, **k: pytest.fail("the record was read"))
     with pytest.raises(ckpt.CheckpointError, match=r"bomb\.pt: refused: its record '[^']+' is compressed"):
         ckpt.load(tmp_path / "bomb.pt")
+
+
+@pytest.mark.parametrize("change,said", [
+    (_set("head", make_head(128, 3, False).state_dict()), "its classifier head does not fit a 128-wide encoder"),
+    (_set("config", {"data": {"image_size": 0}}), "its config: data.image_size"),
+])
+def test_predict_names_the_file_when_its_head_or_config_do_not_fit(made, tmp_path, capsys, change, said):
+    """Fields predict alone uses (the head, the evaluation's config): a classifier for 3 classes in a
+    checkpoint that lists 2, a config out of range."""
+    state = copy.deepcopy(made["linear"])
+    change(state)
+    path = tmp_path / "bad.pt"
+    torch.save(state, path)
+    status, shown = run_predict(made, path, tmp_path)
+    line = one_error_line(capsys, shown)
+    assert status == 2 and said in line, line
