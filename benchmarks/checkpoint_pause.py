@@ -40,6 +40,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from byol_fast.weights import checkpoint as ckpt  # noqa: E402
+from byol_fast.weights.checkpoint_writer import BackgroundWriter  # noqa: E402
 from byol_fast.runtime.process import git_revision  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def measure(state: dict, directory: str | Path, repeats: int = 5) -> dict:
     ``directory``, ``repeats`` of each interleaved after one warm-up of each: medians and every value."""
     directory = Path(directory)
     sync_path, bg_path = directory / "sync.pt", directory / "background.pt"
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     try:
         ckpt.save(state, sync_path, ckpt.PRETRAIN)  # warm-up: the file exists, as in a run
         start = time.perf_counter()

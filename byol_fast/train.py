@@ -32,6 +32,7 @@ from byol_fast.runtime.process import PREEMPTED_EXIT, Process, SaveSchedule, git
 from byol_fast.runtime.progress import Window, format_duration
 from byol_fast.runtime.tensorboard import Writer
 from byol_fast.weights import checkpoint as ckpt
+from byol_fast.weights.checkpoint_writer import BackgroundWriter
 from byol_fast.weights.checkpoint_schema import require
 
 
@@ -105,7 +106,7 @@ class Run:
             out_dir.check_room(self.out, out_dir.state_bytes(self.learner.state_dict()))
         self.writer = Writer(str(self.out), self.info.is_main)
         self.schedule = SaveSchedule(cfg.checkpoint_minutes, self.log)
-        self.saver = ckpt.BackgroundWriter()  # checkpoints written off the loop's critical path
+        self.saver = BackgroundWriter()  # checkpoints written off the loop's critical path
         self.resume()
 
     # ------------------------------------------------------------------ checkpoints

@@ -1,4 +1,4 @@
-"""Weights on disk: byol_fast's checkpoint format and its background writer (``checkpoint``), reading
+"""Weights on disk: byol_fast's checkpoint format (``checkpoint``, its fields' schema in ``checkpoint_schema``) and its background writer (``checkpoint_writer``), reading
 an encoder from any file byol_fast or a peer writes (``encoder_file``, ``backbone_match``), the
 importers of other projects' releases (``importers``), and reading a file a user points at without
 running code from it (``safe_load``, with ``unpickler``, ``safe_torch`` and ``safe_arrays``).

@@ -1,4 +1,4 @@
-"""checkpoint.BackgroundWriter: the file it writes in its thread is the file a synchronous
+"""checkpoint_writer.BackgroundWriter: the file it writes in its thread is the file a synchronous
 checkpoint.save of the state at save() time writes, whatever the caller does to the state afterwards;
 its errors are the synchronous save's, raised once; kill -9 mid-write leaves the previous file whole.
 
@@ -20,6 +20,7 @@ from conftest import CHILD_ENV, ROOT
 
 from byol_fast.errors import CheckpointError
 from byol_fast.weights import checkpoint as ckpt
+from byol_fast.weights.checkpoint_writer import BackgroundWriter
 
 
 def training_state(seed: int = 0) -> dict:
@@ -111,7 +112,7 @@ def gated(monkeypatch):
 def test_the_file_equals_a_synchronous_save_of_the_same_state(tmp_path):
     state = training_state()
     ckpt.save(state, tmp_path / "sync.pt", ckpt.PRETRAIN)
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     pause = writer.save(state, tmp_path / "bg.pt", ckpt.PRETRAIN)
     writer.close()
     assert isinstance(pause, float) and not writer.busy
@@ -127,7 +128,7 @@ def test_changes_after_save_returns_never_reach_the_file(tmp_path, gated):
     """Three saves through one writer (its buffers reused, then reallocated for a new shape), the
     state mutated in place right after each save() returns and before its write begins."""
     state = training_state()
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     for i in range(3):
         if i == 2:
             state["online"]["3.weight"] = torch.randn(5, 7)  # other shapes at the same places,
@@ -145,7 +146,7 @@ def test_changes_after_save_returns_never_reach_the_file(tmp_path, gated):
 
 
 def test_a_save_waits_for_the_previous_write(tmp_path, gated):
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.save({"step": 1}, tmp_path / "a.pt", ckpt.PRETRAIN)
     second = threading.Thread(target=writer.save, args=({"step": 2}, tmp_path / "b.pt", ckpt.PRETRAIN))
     second.start()
@@ -168,7 +169,7 @@ def test_a_write_error_is_the_synchronous_error_raised_once_by_wait(tmp_path):
     state, bad = training_state(), unwritable(tmp_path)
     with pytest.raises(OSError) as sync:
         ckpt.save(state, bad, ckpt.PRETRAIN)
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.save(state, bad, ckpt.PRETRAIN)  # the error belongs to the write, not to the snapshot
     with pytest.raises(type(sync.value)) as background:
         writer.wait()
@@ -178,7 +179,7 @@ def test_a_write_error_is_the_synchronous_error_raised_once_by_wait(tmp_path):
 
 
 def test_a_write_error_surfaces_at_the_next_save_which_can_then_be_retried(tmp_path):
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.save({"step": 1}, unwritable(tmp_path), ckpt.PRETRAIN)
     good = tmp_path / "last.pt"
     with pytest.raises(OSError):
@@ -190,7 +191,7 @@ def test_a_write_error_surfaces_at_the_next_save_which_can_then_be_retried(tmp_p
 
 
 def test_a_write_error_surfaces_at_close_once_and_close_is_idempotent(tmp_path):
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.save({"step": 1}, unwritable(tmp_path), ckpt.PRETRAIN)
     with pytest.raises(OSError):
         writer.close()
@@ -201,7 +202,7 @@ def test_a_write_error_surfaces_at_close_once_and_close_is_idempotent(tmp_path):
 
 def test_a_full_disk_mid_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     writer.save({"step": 1, "w": torch.ones(3)}, path, ckpt.PRETRAIN)
     writer.wait()
 
@@ -234,9 +235,10 @@ KILLED_CHILD = """
 import os, signal, sys, time
 import torch
 from byol_fast.weights import checkpoint as ckpt
+from byol_fast.weights.checkpoint_writer import BackgroundWriter
 
 path = sys.argv[1]
-writer = ckpt.BackgroundWriter()
+writer = BackgroundWriter()
 writer.save({"step": 1, "w": torch.arange(1000, dtype=torch.float32)}, path, ckpt.PRETRAIN)
 writer.wait()
 
@@ -286,9 +288,10 @@ EXITING_CHILD = """
 import sys
 import torch
 from byol_fast.weights import checkpoint as ckpt
+from byol_fast.weights.checkpoint_writer import BackgroundWriter
 
-ckpt.BackgroundWriter().save({"step": 1}, sys.argv[2], ckpt.PRETRAIN)  # fails: its folder is a file
-keep = ckpt.BackgroundWriter()
+BackgroundWriter().save({"step": 1}, sys.argv[2], ckpt.PRETRAIN)  # fails: its folder is a file
+keep = BackgroundWriter()
 keep.save({"step": 5, "w": torch.full((4 << 20,), 5.0)}, sys.argv[1], ckpt.PRETRAIN)
 """
 
@@ -316,7 +319,7 @@ def test_cuda_tensors_are_copied_to_pinned_buffers_at_save_time(tmp_path, gated)
         return obj.cpu().clone() if torch.is_tensor(obj) else obj
 
     expected = on_host(state)
-    writer = ckpt.BackgroundWriter()
+    writer = BackgroundWriter()
     for i in range(2):  # the second save reuses the pinned buffers
         writer.save(state, tmp_path / f"{i}.pt", ckpt.PRETRAIN)
         if i == 0:
