@@ -1,6 +1,6 @@
 """Convert a BYOL checkpoint another project released into a torchvision ResNet state_dict.
 
-``python -m byol_fast.convert SRC --out encoder.pt [--format auto|mmpretrain|solo-learn|lightly|byol-pytorch|passl|deepmind|vissl]``
+``python -m byol_fast.convert SRC --out encoder.pt [--format auto|mmpretrain|solo-learn|lightly|byol-pytorch|lucidrains|passl|deepmind|vissl|torchvision]``
 
 Reads SRC without running code from it (``byol_fast.weights.safe_load``: torch files and pickles of
 numpy arrays through an unpickler that admits nothing else), detects its layout

@@ -2,8 +2,9 @@
 
 :class:`ArrayUnpickler` admits numpy arrays, scalars and dtypes (numpy's names stand for the checked
 builders of :mod:`byol_fast.weights.safe_arrays`), also as ``dill`` writes them,
-``collections.OrderedDict``, and the plain-data classes of :data:`DATA_CLASSES` as inert
-:class:`Unread` stand-ins; nothing else. It sets state only on the builders and stand-ins, adds items
+``collections.OrderedDict``, JAX arrays as the numpy arrays they hold, the plain-data classes of
+:data:`DATA_CLASSES` as inert :class:`Unread` stand-ins and the functions their objects name
+(:data:`DATA_FUNCTIONS`) as :class:`FunctionName`; nothing else. It sets state only on the builders and stand-ins, adds items
 to lists and dicts only, hashes only scalar keys and short flat tuples, and keeps each file within
 budgets. :mod:`byol_fast.weights.safe_torch` extends it with what torch files need; the dispatch by
 file kind is :mod:`byol_fast.weights.safe_load`.
@@ -50,6 +51,58 @@ DATA_CLASSES = {name: _unread(name) for name in (
     "argparse.Namespace",  # training scripts saving their arguments (torchvision's references, DINO, ...)
     "mmengine.logging.history_buffer.HistoryBuffer",  # an mmengine training checkpoint's message_hub
 )}
+
+
+class FunctionName:
+    """A function that a plain-data object holds in its state, kept as its name and never called:
+    mmengine's HistoryBuffer keeps its statistics methods (``HistoryBuffer.min``, ...) in every
+    buffer's state. One shared object per name; no opcode of a file changes it (it takes no state)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, key, value) -> None:
+        raise AttributeError("a FunctionName is read-only")
+
+    def __repr__(self) -> str:
+        return f"<function {self.name}, not read>"
+
+
+# (stand-in class, attribute) -> the FunctionName it stands for: the functions the classes of
+# DATA_CLASSES name in their objects' state.
+DATA_FUNCTIONS = {("mmengine.logging.history_buffer.HistoryBuffer", method):
+                  FunctionName(f"mmengine.logging.history_buffer.HistoryBuffer.{method}")
+                  for method in ("min", "max", "current", "mean")}
+
+
+def _data_function(owner, name, *default) -> FunctionName:
+    """``getattr(cls, name)``, how pickle below protocol 4 names a function defined in a class (mmengine's
+    ``HistoryBuffer.min``): taken only as that pattern, ``cls`` a stand-in of DATA_CLASSES and ``name``
+    one of its functions in DATA_FUNCTIONS, which gives the function's name. Any other use of
+    ``builtins.getattr`` is refused as the call it would be."""
+    kind = owner.kind if isinstance(owner, type) and issubclass(owner, Unread) else None
+    function = DATA_FUNCTIONS.get((kind, name)) if kind and type(name) is str and not default else None
+    if function is None:
+        raise UnsafeFileError(f"loading it would call builtins.getattr on {named(owner)}")
+    return function
+
+
+def _jax_array(rebuild, args, state, aval_state) -> safe_arrays.ArraySpec:
+    """What pickling a JAX array (``jaxlib``'s ``ArrayImpl``, jax 0.4 and later) writes:
+    ``jax._src.array._reconstruct_array(numpy's _reconstruct, its arguments, the numpy array's state,
+    {"weak_type": bool})``, which jax would turn into a device array. Read as the numpy array alone,
+    jax never imported: only numpy's reconstruction (the checked builder standing for it) is accepted as
+    ``rebuild``, and nothing but the weak-type flag beside it."""
+    if rebuild is not safe_arrays.reconstruct:
+        raise UnsafeFileError(f"a jax array rebuilt by {named(rebuild)}")
+    if not isinstance(args, tuple) or type(aval_state) is not dict or set(aval_state) - {"weak_type"} \
+            or type(aval_state.get("weak_type", False)) is not bool:
+        raise UnsafeFileError("a jax array of other arguments than jax writes")
+    array = rebuild(*args)
+    array.__setstate__(state)
+    return array
 
 
 def _dill_array(rebuild, args, state, attributes=None) -> safe_arrays.ArraySpec:
@@ -141,7 +194,8 @@ def _empty_bytes(*args) -> bytes:
 # release was written with dill 0.3); and, as inert stand-ins of the same shape, never imported, the
 # data-only classes of DeepMind's BYOL release (byol_fast.weights.importers.deepmind): its
 # NamedTuples become namedtuples with their fields, Haiku's immutable mappings (rebuilt from a dict)
-# dicts.
+# dicts; the functions of DATA_FUNCTIONS as their names (FunctionName), whether written as
+# ``getattr(class, name)`` or by qualified name; and a JAX array as the numpy array it holds.
 ALLOWED = {
     **{tuple(name.rsplit(".", 1)): builder for name, builder in safe_arrays.GLOBALS.items()},
     ("collections", "OrderedDict"): collections.OrderedDict,
@@ -158,6 +212,10 @@ ALLOWED = {
     ("haiku._src.data_structures", "frozendict"): dict,
     ("frozendict", "frozendict"): dict,
     **{tuple(name.rsplit(".", 1)): cls for name, cls in DATA_CLASSES.items()},
+    ("builtins", "getattr"): _data_function,  # refuses all but DATA_FUNCTIONS (protocols 0-3 write those so)
+    # the same functions as protocol 4 and later write them: module, then the qualified name
+    **{(cls.rsplit(".", 1)[0], f"{cls.rsplit('.', 1)[1]}.{method}"): f for (cls, method), f in DATA_FUNCTIONS.items()},
+    ("jax._src.array", "_reconstruct_array"): _jax_array,
 }
 
 

@@ -31,10 +31,15 @@ LAYOUTS = {
     "solo-learn": "solo_learn",
     "lightly": "lightly",
     "byol-pytorch": "byol_pytorch",
+    "lucidrains": "lucidrains",
     "passl": "passl",
     "deepmind": "deepmind",
     "vissl": "vissl",
+    "torchvision": "torchvision_resnet",
 }
+# Layouts that are no project's checkpoint: detect() never names them (byol_fast's readers take a bare
+# torchvision state_dict before the importers), convert() falls back to them when nothing else matches.
+FALLBACKS = ("torchvision",)
 
 
 @dataclass
@@ -97,7 +102,7 @@ def detect(obj) -> str | None:
     if not isinstance(obj, dict):
         return None
     for layout in LAYOUTS:
-        if _module(layout).detect(obj):
+        if layout not in FALLBACKS and _module(layout).detect(obj):
             return layout
     return None
 
@@ -106,7 +111,7 @@ def convert(obj, source: str, layout: str = "auto") -> Converted:
     """The backbone of ``obj`` (loaded from ``source``) in torchvision's names; a CheckpointError naming
     the keys when the layout is unknown, or when anything of the backbone is missing or left over."""
     if layout == "auto":
-        layout = detect(obj)
+        layout = detect(obj) or next((f for f in FALLBACKS if _module(f).detect(obj)), None)
         if layout is None:
             keys = ", ".join(sorted(map(str, obj))[:8]) if isinstance(obj, dict) else type(obj).__name__
             raise CheckpointError(f"{source}: no known checkpoint layout ({', '.join(LAYOUTS)}); top-level keys: {keys}")

@@ -1,6 +1,7 @@
-"""Importer of yaox12/BYOL-PyTorch's released checkpoint (``resnet50_byol_imagenet2012.pth.tar``).
+"""Importer of yaox12/BYOL-PyTorch's released checkpoint (``resnet50_byol_imagenet2012.pth.tar``) and of
+the checkpoints its trainer writes.
 
-The layout, as that project documents and as the code that loads the file reads it:
+The released file's layout, as that project documents and as the code that loads the file reads it:
 
 - its README ("Model Checkpoints"): the file comes from the project's legacy code base, "which saves
   the ``online_backbone``, ``online_projection``, ``predictor`` and target network modules
@@ -21,12 +22,23 @@ The layout, as that project documents and as the code that loads the file reads 
 
 Everything else in the file is dropped with its reason: ``online_projection`` (projector),
 ``predictor``, ``target_*`` (target network), and any optimizer or training state.
+
+The trainer's checkpoint (``trainer/byol_trainer.py`` ``save_checkpoint``, every ``save_epoch``
+epochs): ``{"config", "epoch", "steps", "model": model.state_dict(), "optimizer", "amp"}``, where the
+model is ``model/byol_model.py``'s ``BYOLModel``: ``online_network`` and ``target_network``
+(``model/basic_modules.py`` ``EncoderwithProjection``: ``encoder = Sequential(*resnet.children()[:-1])``,
+so ``encoder.0`` conv1, ``encoder.1`` bn1, ``encoder.4``-``7`` layer1-4, and the projector MLP under
+the project's own spelling ``projetion``: ``l1``, ``bn1``, ``l2``) and ``predictor`` (``predictor.l1``, ...).
+The trainer wraps the model in apex's DistributedDataParallel when ``distributed`` (its config's
+default), which keeps it as ``module``: every key then starts with ``module.``
+(``module.online_network.encoder.0.weight``). Run on one process, the keys have no prefix; both are read.
 """
 from __future__ import annotations
 
 import torch
 
 from byol_fast.weights.importers import Converted, check_complete
+from byol_fast.weights.importers.lightly import backbone_under, sequential_name
 
 ONLINE = "online_backbone"
 TARGET = "target_backbone"
@@ -38,16 +50,39 @@ CLASSIFIER = ("fc.weight", "fc.bias")
 REASONS = {"online_projection": "projector", "predictor": "predictor", "optimizer": "optimizer", "amp": "optimizer"}
 
 
+# The trainer's checkpoint: its model's parts, and why each but the online encoder is dropped.
+TRAINER_MODEL = "model"
+TRAINER_PARTS = {"online_network", "target_network", "predictor"}
+TRAINER_TOP_LEVEL = {"config": "config", "epoch": "training state", "steps": "training state",
+                     "optimizer": "optimizer", "amp": "optimizer"}
+
+
 def _tensor_dict(value) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def _trainer_prefix(obj) -> str | None:
+    """The prefix of the trainer checkpoint's model keys ("module." or ""), or None when ``obj`` is no
+    such checkpoint: ``model`` a state_dict whose keys, after one shared prefix, are exactly the
+    BYOLModel's three parts, its online encoder a Sequential of torchvision's children."""
+    model = obj.get(TRAINER_MODEL) if isinstance(obj, dict) else None
+    if not _tensor_dict(model) or not all(isinstance(k, str) for k in model):
+        return None
+    prefix = PREFIX if all(k.startswith(PREFIX) for k in model) else ""
+    parts = {k[len(prefix):].split(".", 1)[0] for k in model}
+    if parts == TRAINER_PARTS and f"{prefix}online_network.encoder.0.weight" in model:
+        return prefix
+    return None
 
 
 def detect(obj: dict) -> bool:
     """The released file: ``online_backbone`` and ``target_backbone``, each a state_dict of tensors whose
     every key starts with ``module.``, the online one holding ``module.conv1.weight`` and batch-norm
-    running statistics under torch's names."""
+    running statistics under torch's names; or the trainer's checkpoint (:func:`_trainer_prefix`)."""
     if not isinstance(obj, dict):
         return False
+    if _trainer_prefix(obj) is not None:
+        return True
     online, target = obj.get(ONLINE), obj.get(TARGET)
     if not (_tensor_dict(online) and _tensor_dict(target)):
         return False
@@ -64,7 +99,27 @@ def _reason(entry: str, value) -> str:
     return "not the backbone" if _tensor_dict(value) else "training state"
 
 
+def _convert_trainer(obj: dict, prefix: str) -> Converted:
+    model = obj[TRAINER_MODEL]
+    online = f"{prefix}online_network.encoder."
+    state, unmapped = backbone_under(model, online)
+    unmapped = [f"{TRAINER_MODEL}.{k}" for k in unmapped]
+    dropped = {str(k): TRAINER_TOP_LEVEL.get(k, "training state") for k in obj if k != TRAINER_MODEL}
+    for key in model:
+        if key.startswith(online):
+            continue
+        part = key[len(prefix):].split(".", 1)[0]
+        dropped[f"{TRAINER_MODEL}.{key}"] = ("target network" if part == "target_network" else
+                                             "predictor" if part == "predictor" else "projector")
+    if not unmapped:
+        check_complete(state, "byol-pytorch", lambda name: f"{TRAINER_MODEL}.{online}{sequential_name(name)}")
+    return Converted(state=state, layout="byol-pytorch", dropped=dropped, unmapped=unmapped)
+
+
 def convert(obj: dict) -> Converted:
+    prefix = _trainer_prefix(obj)
+    if prefix is not None:
+        return _convert_trainer(obj, prefix)
     state: dict[str, torch.Tensor] = {}
     dropped: dict[str, str] = {}
     unmapped: list[str] = []

@@ -8,6 +8,10 @@ The layouts, from lightly's code:
   keys ``0.weight``, ``1.*``, ``4.0.conv1.weight``, ..., ``7.*``; the whole BYOL module has
   ``backbone.*`` (online), ``projection_head.*``, ``prediction_head.*``, ``backbone_momentum.*``,
   ``projection_head_momentum.*`` (the Lightning example's ``.ckpt`` holds the same under ``state_dict``);
+- the tutorials (``docs/source/tutorials_source/platform/tutorial_*.py``: SimCLR, MoCo, SimSiam, ...)
+  end by saving that Sequential backbone alone under one name:
+  ``torch.save({"resnet18_parameters": backbone.state_dict()}, "model.pth")`` (``resnet50_parameters``
+  for a ResNet-50);
 - the deprecated ``lightly/models/byol.py`` BYOL class: ``backbone``, ``projection_head``,
   ``prediction_head``, ``momentum_backbone``, ``momentum_projection_head``;
 - ``benchmarks/imagenet/resnet50/byol.py`` (the released ImageNet checkpoint,
@@ -50,14 +54,28 @@ MODELS = [
                           "online_classifier": "classifier head"}),
 ]
 TOP_LEVEL = {"optimizer_states": "optimizer", "lr_schedulers": "scheduler", "hyper_parameters": "config"}
+TUTORIAL = re.compile(r"resnet\d+_parameters")  # the one top-level name of a tutorial's saved backbone
+
+
+def _tensors(state) -> bool:
+    return isinstance(state, dict) and bool(state) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def _tutorial(obj: dict) -> str | None:
+    """The top-level name of a tutorial's save (``{"resnet18_parameters": Sequential backbone}``), or None."""
+    if len(obj) == 1:
+        (name, state), = obj.items()
+        if isinstance(name, str) and TUTORIAL.fullmatch(name) and _tensors(state) and _is_sequential_backbone(state):
+            return name
+    return None
 
 
 def _state(obj: dict) -> dict | None:
-    """The module state: the file itself, or a Lightning checkpoint's ``state_dict``."""
-    state = obj.get("state_dict") if "state_dict" in obj else obj
-    if isinstance(state, dict) and state and all(isinstance(v, torch.Tensor) for v in state.values()):
-        return state
-    return None
+    """The module state: the file itself, a Lightning checkpoint's ``state_dict``, or a tutorial's
+    saved backbone."""
+    name = _tutorial(obj)
+    state = obj[name] if name else obj.get("state_dict") if "state_dict" in obj else obj
+    return state if _tensors(state) else None
 
 
 def _is_sequential_backbone(state: dict) -> bool:
@@ -73,8 +91,9 @@ def _model(state: dict):
     return None
 
 
-def _backbone(state: dict, prefix: str) -> tuple[dict, list[str]]:
-    """(torchvision name -> tensor, unmapped source keys) of the keys under ``prefix``."""
+def backbone_under(state: dict, prefix: str) -> tuple[dict, list[str]]:
+    """(torchvision name -> tensor, unmapped source keys) of the keys under ``prefix``: a
+    ``Sequential(*resnet.children()[:-1])`` (``0.weight``, ``4.0.conv1.weight``) or torchvision's names."""
     keys = [k for k in state if k.startswith(prefix)]
     sequential = f"{prefix}0.weight" in state
     out, unmapped = {}, []
@@ -90,11 +109,19 @@ def _backbone(state: dict, prefix: str) -> tuple[dict, list[str]]:
     return out, unmapped
 
 
+def sequential_name(name: str) -> str:
+    """A torchvision name as ``Sequential(*resnet.children()[:-1])`` holds it (``layer3.1.conv1.weight``
+    -> ``6.1.conv1.weight``), for messages naming a tensor of such a file."""
+    child, _, rest = name.partition(".")
+    index = next((i for i, c in CHILDREN.items() if c == child), None)
+    return f"{index}.{rest}" if index is not None else name
+
+
 def detect(obj: dict) -> bool:
     state = _state(obj) if isinstance(obj, dict) else None
     if state is None:
         return False
-    if state is obj and _is_sequential_backbone(state):
+    if (state is obj or _tutorial(obj)) and _is_sequential_backbone(state):
         return True
     model = _model(state)
     return model is not None and any(f"{model[0]}.{k}" in state for k in ("0.weight", "conv1.weight"))
@@ -102,12 +129,12 @@ def detect(obj: dict) -> bool:
 
 def convert(obj: dict) -> Converted:
     state = _state(obj)
+    if (state is obj or _tutorial(obj)) and _is_sequential_backbone(state):
+        out, unmapped = backbone_under(state, "")
+        return Converted(out, "lightly", {}, unmapped)
     dropped = {key: TOP_LEVEL.get(key, "training state") for key in obj if state is not obj and key != "state_dict"}
-    if state is obj and _is_sequential_backbone(state):
-        out, unmapped = _backbone(state, "")
-        return Converted(out, "lightly", dropped, unmapped)
     online, others = _model(state)
-    out, unmapped = _backbone(state, online + ".")
+    out, unmapped = backbone_under(state, online + ".")
     for key in state:
         part = key.split(".", 1)[0]
         if part != online:
