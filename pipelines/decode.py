@@ -35,14 +35,38 @@ def read(source: list[str] | ShardList):
     return fn.readers.file(files=list(source), random_shuffle=False, shuffle_after_epoch=False, name="Reader")[0]
 
 
+# The operator that parses every image's header before the decoder sees it (see headers_parsed); a
+# loader that meets its error reports an image that could not be decoded.
+HEADER_CHECK = "HeaderCheck"
+
+
+def headers_parsed(jpegs):
+    """The encoded files unchanged (a zero-copy reshape to their own shape), but only once every
+    file's header has been parsed by nvImageCodec in ``fn.peek_image_shape``.
+
+    DALI's image decoder (``fn.decoders.image``, CPU or mixed) parses a large batch's headers on its
+    thread pool, and a header that fails to parse in one of the pool's blocks leaves the decoder
+    running on samples it never parsed: a SIGSEGV in its worker threads rather than an error
+    (benchmarks/RESULTS.md, "DALI's CPU image decoder crashes on an unreadable header"). The peek
+    parses with the same library and fails cleanly, one iteration error; making the decoder's input
+    depend on its output (the reshape's target shape adds 0 times the first image dimension) keeps
+    the decoder from running on a batch the peek refused, whatever the executor's order. It costs a
+    second header parse per image (microseconds, next to a decode's milliseconds) and no copy."""
+    first_dim = fn.peek_image_shape(jpegs, name=HEADER_CHECK)[0]
+    return fn.reshape(jpegs, shape=jpegs.shape(dtype=types.INT64) + first_dim * 0)
+
+
 def decode(jpegs, reader: ReaderConfig, device: str):
-    """Encoded files -> uint8 HWC RGB images, on the CPU ("cpu") or the GPU via nvJPEG ("gpu")."""
+    """Encoded files -> uint8 HWC RGB images, on the CPU ("cpu") or the GPU via nvJPEG ("gpu"); every
+    header is parsed first (:func:`headers_parsed`), so bytes that are no image stop the iteration
+    with an error instead of crashing the decoder."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    jpegs = headers_parsed(jpegs)
     if device == "gpu":
         return fn.decoders.image(jpegs, device="mixed", output_type=types.RGB,
                                  hw_decoder_load=reader.hw_decoder_load, **_HW_DECODER_HINTS)
-    if device == "cpu":
-        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
-    raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
 
 
 def normalise(images, data, mirror=0, crop=None):

@@ -26,6 +26,7 @@ samples each batch holds.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
 import shutil
@@ -38,7 +39,11 @@ import torch
 from byol_fast.config import DataConfig, LinearDataConfig, ReaderConfig
 from byol_fast.errors import ReadError
 from pipelines.contract import EpochLoader, Shard, pipeline_seed, shard_order
-from pipelines.shards import ShardSamples
+from pipelines.shards import IMAGE_EXTS, ShardSamples
+
+# DALI operators whose failure means an image's bytes could not be decoded: the decoders, and the
+# header check in front of them (pipelines.decode.headers_parsed).
+_DECODING_OPERATORS = ("decoders", "peek_image_shape")
 
 
 def to_torch(batch) -> torch.Tensor:
@@ -210,12 +215,26 @@ class _DaliLoader(EpochLoader):
             try:
                 out = run.next()
             except RuntimeError as e:
-                raise self._read_error(e, k) from None
+                error = self._read_error(e, k)
+                self._stop(run)
+                raise error from None
             if self.train and self.reader.build_ahead and run.all_scheduled and self._ahead is None:
                 self._build_ahead(epoch + 1)
             yield self._convert(out, k)
         if self.train:  # the epoch is read: free its pipeline now, not when the next epoch starts
             self._pipe, self._pipe_epoch = None, None
+
+    def _stop(self, failed: _Scheduled) -> None:
+        """Shut down this loader's pipelines after a failed batch. A shutdown waits for the batches a
+        pipeline was still computing, so whatever their decoders print (libjpeg's warnings on a
+        damaged image) is printed before the error that ends the run, which stays the last line.
+        (Dropping the references is not enough: a pipeline's graph keeps it alive until the garbage
+        collector runs; ``_shutdown`` is what DALI's own exit handler calls.)"""
+        ahead = self._ahead[1] if self._ahead else None
+        self._pipe, self._pipe_epoch, self._ahead = None, None, None
+        for run in (failed, ahead):
+            if run is not None:
+                run.pipe._shutdown()
 
     def _source_of(self, i: int) -> str:
         """The file (or tar) sample ``i`` is read from."""
@@ -241,10 +260,43 @@ class _DaliLoader(EpochLoader):
             names = list(dict.fromkeys(self._source_of(i) for i in batches.tolist()))
             where = names[0] + (f" (or one of {len(names) - 1} more read with it)" if len(names) > 1 else "")
         operator = re.search(r"operator `([^`]+)`", text)
-        if operator and "decoders" in operator.group(1):
+        if operator and any(op in operator.group(1) for op in _DECODING_OPERATORS):
+            culprit = None if named or k is None else self._undecodable(batches.tolist())
+            if culprit is not None:
+                where = culprit
+            if "peek_image_shape" in operator.group(1):
+                reason = f"its header is not an image's: {reason}"
             hint = "; python -m byol_fast.data verify finds damaged shards" if shards else ""
             return ReadError(f"{where}: an image could not be decoded ({reason}){hint}")
         return ReadError(f"{where}: could not be read ({reason})")
+
+    def _undecodable(self, samples: list[int]) -> str | None:
+        """The first of ``samples`` (in reading order) whose bytes PIL cannot decode, as its file or
+        "<tar> (member <name>)"; None when every one decodes, or cannot be read here (object storage).
+        Only called once a batch has failed, to name the image among the few batches it could be:
+        DALI's header check reports that a header failed to parse, not whose."""
+        from PIL import Image  # only on this error path
+
+        for i in samples:
+            try:
+                if isinstance(self.files, ShardSamples):
+                    tar = self.files.tars[int(self.files.tar_of[i])]
+                    with open(tar, "rb") as f:
+                        f.seek(int(self.files.offset[i]))
+                        data = f.read(int(self.files.size[i]))
+                    where = f"{tar} (member {int(self.files.key[i]):09d}.{IMAGE_EXTS[int(self.files.ext[i])]})"
+                else:
+                    where = self.files[i]
+                    with open(where, "rb") as f:
+                        data = f.read()
+            except (OSError, ValueError):  # an object-storage URL, or a file gone since
+                return None
+            try:
+                with Image.open(io.BytesIO(data)) as image:
+                    image.load()
+            except Exception:  # PIL raises many types for bytes that are no image; any means this one
+                return where
+        return None
 
     def _position(self, epoch: int, step: int) -> dict:
         if step > 0 and self._pipe_epoch == epoch:
