@@ -19,6 +19,9 @@ import torch
 import torchvision
 from conftest import CHILD_ENV, ROOT, TINY_RUN, write_noise_jpegs
 
+# Each test starts a command as its own process (seconds each): the quick lane leaves them out.
+pytestmark = pytest.mark.slow
+
 WARNINGS_AS_ERRORS = "error::DeprecationWarning,error::FutureWarning,error::UserWarning"
 # CHILD_ENV sets OMP_NUM_THREADS=1: without it torchrun logs a WARNING that it set it to 1 for each
 # worker, a launcher notice rather than something the commands do.
@@ -73,7 +76,6 @@ def test_train(pretrained):
     assert (out / "last.pt").is_file()
 
 
-@pytest.mark.slow
 def test_train_two_processes(data, tmp_path):
     """DDP's warnings only show with more than one process: torchrun, 2 gloo workers on the CPU."""
     res = command("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "byol_fast.train",
@@ -101,7 +103,6 @@ def test_predict(linear, data):
     assert len(res.stdout.splitlines()) == 2
 
 
-@pytest.mark.slow
 def test_finetune(data, pretrained, tmp_path):
     res = command("-m", "byol_fast.finetune", "--checkpoint", pretrained[1] / "last.pt", "--data", data,
                   f"--out_dir={tmp_path}", *EVAL_FAST, "--reader.loader=torchvision", "--reader.num_threads=0",
@@ -118,7 +119,6 @@ def test_export(pretrained, tmp_path):
     assert (tmp_path / "encoder.torchscript.pt").is_file()
 
 
-@pytest.mark.slow
 def test_export_onnx_and_torch_export(pretrained, tmp_path):
     res = command("-m", "byol_fast.export", "--checkpoint", pretrained[1] / "last.pt", "--out",
                   tmp_path / "encoder.pt", "--onnx", "--torch-export")
