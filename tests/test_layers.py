@@ -16,13 +16,15 @@ import pytest
 from conftest import ROOT
 
 COMMANDS = {"train", "linear_eval", "finetune", "export", "convert", "predict", "launch", "data", "dense_probe"}
-FOUNDATION = {"byol_fast.config", "byol_fast.config_files", "byol_fast.constants", "byol_fast.errors"}
+FOUNDATION = {"byol_fast.config", "byol_fast.config_files", "byol_fast.config_ranges", "byol_fast.constants",
+              "byol_fast.errors"}
 # What each part of the library may import besides itself, lowest layer first.
 ALLOWED = {
     "byol_fast.errors": set(),
     "byol_fast.constants": set(),
     "byol_fast.config_files": {"byol_fast.errors"},
-    "byol_fast.config": {"byol_fast.config_files", "byol_fast.constants", "byol_fast.errors"},
+    "byol_fast.config_ranges": {"byol_fast.errors"},
+    "byol_fast.config": {"byol_fast.config_files", "byol_fast.config_ranges", "byol_fast.constants", "byol_fast.errors"},
     "pipelines": FOUNDATION,
     "byol_fast.runtime": FOUNDATION,
     "byol_fast.models": FOUNDATION,
