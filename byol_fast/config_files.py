@@ -81,7 +81,8 @@ class BoundedLoader(yaml.SafeLoader):
     def construct_object(self, node, deep=False):
         try:
             return super().construct_object(node, deep)
-        except (ValueError, OverflowError) as e:  # a well-formed scalar with no value: 2001-13-01, 10**5000
+        # a well-formed scalar that has no value: a date in a 13th month, an int of 5000 digits
+        except (ValueError, OverflowError) as e:
             raise ConstructorError(None, None, f"cannot read {node.tag.rpartition(':')[2]} "
                                    f"{quote(getattr(node, 'value', ''), 30)}: {shorten(str(e), 60)}",
                                    node.start_mark) from None

@@ -70,12 +70,11 @@ def _is_candidate(name: str) -> bool:
 class _Scan:
     """What a walk of the tree has met so far: the folders entered (by device and inode, so that no
     folder is walked twice, whatever links lead to it), the real folders a link may lead into
-    (``roots``), the candidate files that are links, and the entries left out with their reason."""
+    (``roots``), and the entries left out with their reason."""
 
     root: str
     roots: list[str]
     entered: set[tuple[int, int]] = field(default_factory=set)
-    links: set[str] = field(default_factory=set)
     skips: list[tuple[str, str]] = field(default_factory=list)
 
     def enter(self, path: str, entry: os.DirEntry | None = None) -> bool:
@@ -108,8 +107,6 @@ class _Scan:
                 folders.append(e)
             else:
                 files.append(e)
-                if e.is_symlink():
-                    self.links.add(os.path.join(folder, e.name))
         return folders, files
 
 
