@@ -13,6 +13,11 @@ import subprocess
 from dataclasses import dataclass
 
 import torch
+# Imported before any process group is made, on purpose. Imported after one exists (torch.optim's
+# first step imports it), dynamo keeps the default group alive past destroy_process_group; gloo's
+# worker threads then free the last collective's tensors while the interpreter shuts down, and the
+# process dies of SIGABRT at exit ("terminate called without an active exception").
+import torch._dynamo  # noqa: F401
 import torch.distributed as dist
 from torch import nn
 

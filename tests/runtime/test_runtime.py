@@ -3,6 +3,7 @@ and the settings derived from a config."""
 import math
 import os
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,32 @@ def test_derived_settings():
     with pytest.raises(ConfigError, match="reader.decode"):
         decode_device(ReaderConfig(decode="gpu"), cpu)
     assert math.isinf(NEVER)
+
+
+def test_teardown_ends_the_process_group_threads():
+    """After an optimizer step (whose first call imports torch._dynamo) and teardown, no gloo thread
+    is left: a process group that outlives teardown has its worker threads free tensors while the
+    interpreter shuts down, which aborts the process at exit."""
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_stepping_rank, args=(results, 29300 + os.getpid() % 300), nprocs=2)
+    assert dict(results) == {0: [], 1: []}
+
+
+def _stepping_rank(rank, results, port):
+    import torch.distributed as tdist
+    from torch import nn
+
+    from byol_fast.runtime import dist
+
+    ddp_env(rank, 2, port)
+    dist.setup(torch.device("cpu"))
+    head = nn.Linear(4, 2)
+    head(torch.randn(3, 4)).sum().backward()
+    for p in head.parameters():
+        tdist.all_reduce(p.grad)
+    torch.optim.SGD(head.parameters(), lr=0.1).step()
+    dist.teardown()
+    names = [(Path("/proc/self/task") / t / "comm").read_text().strip() for t in os.listdir("/proc/self/task")]
+    results[rank] = [n for n in names if "gloo" in n]
