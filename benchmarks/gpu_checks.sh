@@ -14,7 +14,9 @@
 #      step measured, with its data-wait fraction; the same DALI pipeline (load 0.65) reading the same
 #      images as a shard set (packed once, its MB/s; shards / files); the torchvision/PIL
 #      DataLoader on the same cores;
-#      linear evaluation's step and end to end; the checkpoint pause; peak GPU memory of each;
+#      linear evaluation's step and end to end; the checkpoint pause; peak GPU memory of each; the
+#      step and end to end at 160 and 192 px, and from them benchmarks/ramp_projection.py's wall time
+#      of 300 epochs with and without a 160 -> 224 px resolution ramp;
 #   3. benchmarks/gpu_table.py: the short table, printed LAST, with the targets beside the figures.
 # Every figure lands as JSON under $OUT (default benchmarks/out): throughput.json, summary.json,
 # suite.jsonl (each shell stage's exit status and seconds), with the logs beside them.
@@ -89,6 +91,10 @@ suite() {
     stages+=",e2e-dali:step=best:timeout=75,shards:hw=0.65:timeout=30,torchvision:batch=64:windows=2:timeout=60"
     stages+=",linear:timeout=40"
     stages+=",e2e-linear:timeout=45,checkpoint:timeout=60"
+    # The resolution ramp's smaller sides (224 px is measured above): the step and end to end, for
+    # benchmarks/ramp_projection.py's 300-epoch wall time with and without a 160 -> 224 ramp.
+    stages+=",model:size=160:timeout=30,model:size=192:timeout=30"
+    stages+=",e2e-dali:size=160:step=best:timeout=40,e2e-dali:size=192:step=best:timeout=40"
     # The paper's larger encoders, each at about 0.8 of the largest batch per 80 GB that
     # benchmarks/encoder_memory.py works out (an out-of-memory is recorded and the suite goes on).
     stages+=",model:backbone=resnet50x2:batch=144:timeout=40,model:backbone=resnet200x2:batch=52:timeout=40"
@@ -118,6 +124,10 @@ suite() {
   # stdout (the results) and stderr (progress) went to throughput.log together; keep the results apart
   sed -n '/^device: /,$p' "$OUT/throughput.log" > "$OUT/throughput.txt"
 
+  if [ "$QUICK" != 1 ]; then
+    boxed ramp-projection 20 "$PY" benchmarks/ramp_projection.py "$OUT/throughput.json" --epochs 300 \
+      --json "$OUT/ramp_projection.json"
+  fi
   timeout 30 "$PY" benchmarks/gpu_table.py "$OUT"  # the table, printed last
 }
 

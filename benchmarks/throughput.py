@@ -89,6 +89,17 @@ from bench.settings import blur_kernel_for  # noqa: E402, F401
 from byol_fast.errors import ConfigError  # noqa: E402
 
 
+def sides(text: str) -> tuple[int, ...]:
+    """``--image-size``: one side or a comma-separated list, each at least 8 px."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a side or a comma-separated list of sides") from None
+    if not values or min(values) < 8:
+        raise argparse.ArgumentTypeError(f"{text!r}: each side must be at least 8 px")
+    return values
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     """The options below, and the extra ``--section.key=value`` arguments (config overrides)."""
     p = argparse.ArgumentParser(prog="python benchmarks/throughput.py", description=__doc__,
@@ -101,7 +112,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", help="YAML recipe to start from (config/*.yaml); the options below override it")
     p.add_argument("--backbone", help="encoder, any of byol_fast.config.BACKBONES (e.g. resnet50x2, resnet200x2); "
                                         "default: resnet50 on GPU, resnet18 on CPU")
-    p.add_argument("--image-size", type=int, help="side of each view (default: 224 on GPU, 64 on CPU)")
+    p.add_argument("--image-size", type=sides, help="side of each view (default: 224 on GPU, 64 on CPU); a list "
+                   "(160,192,224) measures each stage that makes images at each side, and takes the ratios at the largest")
     p.add_argument("--batch", type=int, help="images per step (default: 256 on GPU, 32 on CPU)")
     p.add_argument("--precision", choices=("auto", "bf16", "fp16", "fp32"), help="default: the config's (auto)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (config: compile)")

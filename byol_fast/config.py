@@ -61,12 +61,33 @@ class DataConfig:
     """Which images pretraining reads and how its two views are made."""
 
     path: str = "data/demo/train"  # ImageFolder tree (class folders), flat folder, or an index file
-    image_size: int = 224  # output side of each view
+    image_size: int = 224  # output side of each view (at the end of a resolution ramp)
+    # Resolution ramp, off while start_image_size is 0: the side grows linearly from start_image_size at
+    # epoch ramp_start_epoch to image_size at ramp_end_epoch, in steps of 32 px (16 below 64), fixed outside
+    start_image_size: int = 0
+    ramp_start_epoch: int = 0
+    ramp_end_epoch: int = 0
     interp: str = "cubic"  # resize filter of the random resized crop: cubic | linear
     view1: ViewConfig = field(default_factory=ViewConfig)
     view2: ViewConfig = field(default_factory=lambda: ViewConfig(**VIEW2_DEFAULTS))
     mean: tuple[float, float, float] = IMAGENET_MEAN  # on [0, 1] pixels
     std: tuple[float, float, float] = IMAGENET_STD
+
+    def size_at(self, epoch: int) -> int:
+        """The views' side in ``epoch`` (counted from 0): the ramp's linear value, rounded to a
+        multiple of 32 px (16 below 64) and kept within its two ends; image_size with the ramp off."""
+        start, end, first, last = self.start_image_size, self.image_size, self.ramp_start_epoch, self.ramp_end_epoch
+        if not start or epoch >= last:
+            return end
+        if epoch <= first:
+            return start
+        value = start + (end - start) * (epoch - first) / (last - first)
+        step = 16 if value < 64 else 32
+        return min(max(int(value / step + 0.5) * step, min(start, end)), max(start, end))
+
+    def sizes(self, epochs: int) -> list[int]:
+        """Every epoch's side, epochs 0 .. epochs - 1."""
+        return [self.size_at(e) for e in range(epochs)]
 
 
 @dataclass(frozen=True)
@@ -312,6 +333,9 @@ def _build(cls: type, values: dict, prefix: str = ""):
     check_ranges(obj, prefix)
     if cls is ViewConfig:
         _check_view(obj, prefix)
+    if cls is DataConfig and obj.start_image_size and obj.ramp_start_epoch > obj.ramp_end_epoch:
+        raise ConfigError(f"{prefix}ramp_end_epoch: {obj.ramp_end_epoch} is before ramp_start_epoch "
+                          f"({obj.ramp_start_epoch}); the ramp runs from the one to the other")
     return obj
 
 

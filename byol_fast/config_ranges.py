@@ -24,7 +24,8 @@ RANGES = {
     "predictor_hidden": ">= 1", "pixel_hidden": ">= 1", "pixel_out": ">= 1",
     # counts where 0 means "off", "all" or (num_threads, torchvision's DataLoader) "in the main process"
     "max_steps": ">= 0", "index_workers": ">= 0", "knn_every": ">= 0", "knn_bank_limit": ">= 0", "holdout": ">= 0",
-    "num_threads": ">= 0", "seed": ">= 0",
+    "num_threads": ">= 0", "seed": ">= 0", "start_image_size": ">= 0", "ramp_start_epoch": ">= 0",
+    "ramp_end_epoch": ">= 0",
     # probabilities and fractions
     "flip_p": "[0, 1]", "jitter_p": "[0, 1]", "grayscale_p": "[0, 1]", "blur_p": "[0, 1]", "solarize_p": "[0, 1]",
     "solarize_threshold": "[0, 1]", "hw_decoder_load": "[0, 1]", "tau_base": "[0, 1]", "momentum": "[0, 1)",

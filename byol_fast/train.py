@@ -102,6 +102,7 @@ class Run:
             self.probe = OnlineProbe(self.learner.byol.online.width, self.index.num_classes, self.device,
                                      cfg.monitor.probe_lr)
         self.step = 0
+        self._side = None  # the views' side of the last epoch started (the resolution ramp)
         if self.info.is_main:
             out_dir.check_room(self.out, out_dir.state_bytes(self.learner.state_dict()))
         self.writer = Writer(str(self.out), self.info.is_main)
@@ -190,6 +191,8 @@ class Run:
         window = Window(self.device)
         stream = self._batches()
         while self.step < last_step:
+            if self.step % self.steps_per_epoch == 0:
+                self._announce_side(self.step // self.steps_per_epoch)
             lr = lr_at(self.step, self.total_steps, self.warmup_steps, self.peak_lr)
             tau = tau_at(self.step, self.total_steps, cfg.ema.tau_base)
             with window.waiting():
@@ -220,6 +223,29 @@ class Run:
         self.writer.close()
         self.log(f"done: {self.step} steps")
         return 0
+
+    def _announce_side(self, epoch: int) -> None:
+        """With a resolution ramp, a line whenever an epoch's views change size (and at the first)."""
+        side = self.cfg.data.size_at(epoch)
+        if self.cfg.data.start_image_size and side != self._side:
+            self.log(f"epoch {epoch}: views of {side} px (resolution ramp {self.cfg.data.start_image_size} -> "
+                     f"{self.cfg.data.image_size} px over epochs {self.cfg.data.ramp_start_epoch}-"
+                     f"{self.cfg.data.ramp_end_epoch})")
+        self._side = side
+
+    def _steps_left(self, last_step: int) -> float:
+        """Steps to ``last_step`` in units of the current epoch's step: under a resolution ramp a
+        step costs about its pixels, so a later, larger epoch's step counts (side / side now)^2."""
+        data, now = self.cfg.data, self.cfg.data.size_at(max(self.step - 1, 0) // self.steps_per_epoch)  # measured
+        if not data.start_image_size:
+            return float(last_step - self.step)
+        left, step = 0.0, self.step
+        while step < last_step:
+            epoch = step // self.steps_per_epoch
+            upto = min(last_step, (epoch + 1) * self.steps_per_epoch)
+            left += (upto - step) * (data.size_at(epoch) / now) ** 2
+            step = upto
+        return left
 
     def _knn(self) -> None:
         """kNN accuracy of the target encoder (the paper's evaluated network is the online one; the
@@ -281,7 +307,7 @@ class Run:
         stats = dict(zip(device_stats, torch.stack(list(device_stats.values())).tolist()))
         loss = stats.pop("train/loss")
         w = window.read()  # after the sync: the window's time is the GPU's
-        eta_s = (last_step - self.step) * w["seconds_per_step"]
+        eta_s = self._steps_left(last_step) * w["seconds_per_step"]
         extra = ""
         if "train/pixpro_loss" in stats:
             extra += (f" pixpro {stats['train/pixpro_loss']:.4f} pairs {stats['train/positive_pairs']:.1f}"
@@ -297,6 +323,7 @@ class Run:
                  f"proj_std*sqrt(d) {stats['collapse/std_x_sqrt_d']:.3f} "
                  f"pair_top1 {stats['train/pair_top1']:.1f}{extra} eta {format_duration(eta_s)}")
         self.writer.scalars({"train/loss": loss, "train/lr": lr, "train/tau": tau,
+                             "train/image_size": self.cfg.data.size_at(epoch),
                              "train/img_per_s": w["images_per_s"], "train/data_wait": w["data_wait"],
                              "train/eta_s": eta_s, **stats}, self.step)
 

@@ -169,7 +169,7 @@ class _DaliLoader(EpochLoader):
             total, depth = left, max(1, min(self.reader.prefetch, left))
         else:
             total, depth = None, max(1, self.reader.prefetch)
-        pipe = self._build(order, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint, steps, depth)
+        pipe = self._build(order, epoch, pipeline_seed(self.seed, self.shard.rank, epoch), checkpoint, steps, depth)
         return _Scheduled(pipe, total)
 
     def _tar_identities(self) -> dict | None:
@@ -334,13 +334,14 @@ class DaliTwoViewLoader(_DaliLoader):
         super().__init__(files, labels, batch_size, device, shard, seed, torch_device, train=True)
         self.data, self.reader, self.windows = data, reader, windows
 
-    def _build(self, order, seed, checkpoint, steps, depth):
+    def _build(self, order, epoch, seed, checkpoint, steps, depth):
         # Deferred for start-up time: this module is imported by every command, DALI only by a run
         # that builds a pipeline.
         from pipelines.pretrain import build_pretrain_pipeline
 
         reader = dataclasses.replace(self.reader, prefetch=depth)
-        return build_pretrain_pipeline(self._source(order), self.data, reader, self.batch_size, self.device,
+        data = dataclasses.replace(self.data, image_size=self.data.size_at(epoch))  # the resolution ramp's side
+        return build_pretrain_pipeline(self._source(order), data, reader, self.batch_size, self.device,
                                        self.shard.local_rank if self.device == "gpu" else None, seed, checkpoint,
                                        self.windows)
 
@@ -369,7 +370,7 @@ class DaliEvalLoader(_DaliLoader):
         self.data, self.reader = data, reader
         self._real = len(self.files_of(0))  # files of this rank before padding (evaluation)
 
-    def _build(self, order, seed, checkpoint, steps, depth):
+    def _build(self, order, epoch, seed, checkpoint, steps, depth):
         # Deferred for start-up time: this module is imported by every command, DALI only by a run
         # that builds a pipeline.
         from pipelines.evaluation import build_eval_pipeline

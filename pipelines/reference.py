@@ -14,6 +14,8 @@ of workers, not on which worker made it, and a resumed epoch gives the same batc
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.utils.data
 from PIL import Image
@@ -118,9 +120,13 @@ class _PilLoader(EpochLoader):
         self.files, self.labels, self.transform = list(files), None if labels is None else list(labels), transform
         self.workers, self.image_size = workers, image_size
 
+    def transform_of(self, epoch: int):
+        """The transform of ``epoch``'s samples."""
+        return self.transform
+
     def _batches(self, epoch: int, step: int):
         order = self.files_of(epoch)[step * self.batch_size:]
-        dataset = _Samples(self.files, self.labels, order, self.transform, self.seed, epoch)
+        dataset = _Samples(self.files, self.labels, order, self.transform_of(epoch), self.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False,
                                              num_workers=self.workers, persistent_workers=False,
                                              prefetch_factor=4 if self.workers > 0 else None)
@@ -141,6 +147,14 @@ class TorchvisionTwoViewLoader(_PilLoader):
                  windows: bool = False):
         super().__init__(files, labels, TwoViewTransform(data, windows), batch_size, shard, seed, True, workers,
                          data.image_size)
+        self.data, self.windows = data, windows
+
+    def transform_of(self, epoch: int):
+        """The two views at the epoch's side (``DataConfig.size_at``: the resolution ramp)."""
+        size = self.data.size_at(epoch)
+        if size == self.data.image_size:
+            return self.transform
+        return TwoViewTransform(dataclasses.replace(self.data, image_size=size), self.windows)
 
 
 class TorchvisionEvalLoader(_PilLoader):

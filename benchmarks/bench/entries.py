@@ -25,6 +25,7 @@ LABELS = {
 BYOL_STEP_STAGES = ("model", "e2e-dali", "e2e-torchvision")  # the stages that run Learner.step
 LOADER_STAGES = ("dali", "shards", "torchvision", "e2e-dali", "e2e-torchvision", "e2e-linear")
 DALI_STAGES = ("dali", "shards", "e2e-dali", "e2e-linear")
+IMAGE_STAGES = tuple(s for s in STAGES if s != "checkpoint")  # the stages that make images of a side
 
 
 def _int(lo: int) -> Callable[[str], int]:
@@ -89,6 +90,7 @@ STAGE_OPTIONS = {
     "shard_size": (_size, ("shards",)),
     "loss": (_loss, ("model",)),
     "backbone": (_backbone, ("model",)),
+    "size": (_int(8), IMAGE_STAGES),
     "windows": (_int(1), STAGES),
     "window_seconds": (_float_in(0.0, 1e6, open_lo=True), STAGES),
     "warmup": (_int(0), STAGES),
@@ -139,17 +141,31 @@ def stage_overrides(opts: dict) -> dict:
     model = {k: opts[k] for k in ("loss", "backbone") if k in opts}
     if model:
         over["model"] = model
+    if "size" in opts:
+        over["data"] = {"image_size": opts["size"]}
     return over
 
 
-def stage_list(stages: str, linear: bool) -> list[str]:
+def stage_list(stages: str, linear: bool, sizes: tuple[int, ...] = ()) -> list[str]:
     """The entries of ``--stages`` (default: every stage but the opt-in ones) and, with ``--linear``,
-    the linear stages; every entry checked, none twice."""
+    the linear stages; with several ``sizes`` (``--image-size 160,192,224``), each entry that makes
+    images and names no size of its own once per size (``dali:size=160``, ...). Every entry checked,
+    none twice."""
     keys = [s.strip() for s in stages.split(",") if s.strip()] or [s for s in STAGES if s not in OPT_IN_STAGES]
     if linear:
         keys += [s for s in LINEAR_STAGES if s not in keys]
+    if len(sizes) > 1:
+        keys = [variant for key in keys for variant in _per_size(key, sizes)]
     for key in keys:
         parse_stage(key)  # every entry checked before any work
     if len(set(keys)) < len(keys):
         raise ConfigError(f"--stages: {next(k for k in keys if keys.count(k) > 1)!r} is given twice")
     return keys
+
+
+def _per_size(key: str, sizes: tuple[int, ...]) -> list[str]:
+    """``key`` once per size, or as it is when its stage makes no images or it names its own size."""
+    entry = parse_stage(key)
+    if entry.name not in IMAGE_STAGES or "size" in entry.options:
+        return [key]
+    return [f"{key}:size={n}" for n in sizes]

@@ -77,6 +77,12 @@ def _step_variant(stages: dict, key: str | None, **change) -> str | None:
     return best_stage(stages, "model", lambda st: st.get("step") == sig)
 
 
+def at_side(stages: dict, side: int) -> dict:
+    """The entries measured at ``side``: the ratios and the best configuration compare like with like
+    when a run measures several sides (an entry without size= runs at the run's side)."""
+    return {k: st for k, st in stages.items() if st.get("options", {}).get("size", side) == side}
+
+
 def ratios(stages: dict) -> dict:
     """The comparisons that matter, each from the best measured variant of its stages; None where a
     figure is missing."""

@@ -22,7 +22,7 @@ from .entries import LABELS, parse_stage, stage_overrides
 from .machine import HostPeak, environment, loadavg
 from .plot import plot
 from .progress import log
-from .report import best_configuration, link_files, link_steps, ratios, render
+from .report import at_side, best_configuration, link_files, link_steps, ratios, render
 from .settings import Options, Recipe, Settings
 from .stages import RUNNERS
 from .stages.context import Shared, StageContext, StageUnavailable
@@ -48,10 +48,12 @@ class RunState:
 
 def _with_best_step(run: RunState, opts: dict) -> tuple[dict, str | None]:
     """``step=best``: the options with the batch and compile mode of the fastest BYOL-instance model
-    stage measured so far, and its key (None when there is none, or no step=best)."""
+    stage measured so far at the entry's side, and its key (None when there is none, or no step=best)."""
     if opts.get("step") != "best":
         return opts, None
-    best = best_stage(run.stages, "model", lambda m: (m.get("step") or {}).get("loss", "instance") == "instance")
+    side = opts.get("size", run.settings.image_size)
+    best = best_stage(at_side(run.stages, side), "model",
+                      lambda m: (m.get("step") or {}).get("loss", "instance") == "instance")
     if not best:
         log("  no model stage measured: the config's step")
         return opts, None
@@ -172,8 +174,9 @@ def run(options: Options, started: float, command: str | list[str]) -> int:
         link_steps(state.stages)
         link_files(state.stages)
         return {"settings": s.record(), "environment": env, "config": to_dict(cfg), "dataset": dataset,
-                "command": command, "complete": complete, "stages": state.stages, "ratios": ratios(state.stages),
-                "best": best_configuration(state.stages),
+                "command": command, "complete": complete, "stages": state.stages,
+                "ratios": ratios(at_side(state.stages, s.image_size)),
+                "best": best_configuration(at_side(state.stages, s.image_size)),
                 "targets": {"byol_8xV100": TARGET_BYOL_8XV100, "linear_8gpu": TARGET_LINEAR_8GPU}}
 
     try:

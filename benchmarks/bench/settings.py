@@ -21,7 +21,8 @@ class Settings:
     device: str  # cuda | cpu
     stages: tuple[str, ...]  # the --stages entries, in the order they run
     backbone: str
-    image_size: int
+    image_size: int  # the largest of image_sizes: an entry's side without size=, the ratios' side
+    image_sizes: tuple[int, ...]  # --image-size's list: each image-making entry once per side
     batch: int
     decode: str  # where DALI decodes: cpu | gpu
     threads: int  # DALI threads = DataLoader workers
@@ -42,20 +43,22 @@ class Settings:
 
     def record(self) -> dict:
         """The settings as the JSON records them."""
-        return {**dataclasses.asdict(self), "stages": list(self.stages)}
+        return {**dataclasses.asdict(self), "stages": list(self.stages), "image_sizes": list(self.image_sizes)}
 
 
 def resolve(args: argparse.Namespace) -> Settings:
     """Every setting the run uses from the command line, defaults filled in by device type."""
     cuda = resolve_device(args.device).type == "cuda"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    stages = stage_list(args.stages, args.linear)
+    sizes = tuple(args.image_size or (224 if cuda else 64,))
+    stages = stage_list(args.stages, args.linear, sizes)
     quick = args.quick
     return Settings(
         device="cuda" if cuda else "cpu",
         stages=tuple(stages),
         backbone=args.backbone or ("resnet50" if cuda else "resnet18"),
-        image_size=args.image_size or (224 if cuda else 64),
+        image_size=max(sizes),
+        image_sizes=sizes,
         batch=args.batch or (256 if cuda else 32),
         decode=args.decode or ("gpu" if cuda else "cpu"),
         threads=args.threads or cores,
@@ -111,7 +114,7 @@ class Recipe:
                       "data": {"image_size": s.image_size},
                       "reader": {k: v for k, v in reader.items() if v is not None}}
         if not self.config_path:  # the recipe's views as they are; else scale the blur window with the view
-            k = blur_kernel_for(s.image_size)
+            k = blur_kernel_for((stage or {}).get("data", {}).get("image_size", s.image_size))
             over["data"].update(view1={"blur_kernel": k}, view2={"blur_kernel": k})
         if self.precision:
             over["precision"] = self.precision

@@ -12,7 +12,8 @@ With ``compile: true`` two graphs are compiled: the wrapped model's forward (bot
 predictor, target and loss; AOTAutograd compiles its backward with it, and DDP's compiled wrapper
 splits the graph at its gradient buckets), and :func:`finish_step` (the finite check, LARS, the
 batch-norm restore, the EMA and the counters, ``torch._foreach_*`` code that fuses into a few
-kernels). lr and tau enter both as device tensors, so new values never recompile. Not compiled:
+kernels). lr and tau enter both as device tensors, so new values never recompile; a resolution
+ramp's sides compile the forward once each, for its static shape. Not compiled:
 the backward call itself and the GradScaler's unscale/update (a few kernels, fp16 only), and the
 Python loop over micro-batches, which has to call DDP's ``no_sync``.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch._dynamo
 
 from byol_fast.config import Config
 from byol_fast.models.byol import BYOL
@@ -82,7 +84,11 @@ class Learner:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.forward, self._finish = self.model, finish_step
         if cfg.compile:
-            self.forward = torch.compile(self.model, mode=cfg.compile_mode)
+            # A resolution ramp's sides: each compiled once, for its static shape (kernels tuned to it,
+            # a CUDA graph each under reduce-overhead), never as a dynamic-shape graph.
+            sides = len(set(cfg.data.sizes(cfg.epochs)))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * sides)
+            self.forward = torch.compile(self.model, mode=cfg.compile_mode, dynamic=False if sides > 1 else None)
             self._finish = torch.compile(finish_step, mode=cfg.compile_mode)
         # The last micro-batch's detached outputs for the monitors (BYOL.forward without "loss"):
         # projection, representation, prediction (view 1) and target_projection (view 2).

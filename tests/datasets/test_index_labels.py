@@ -244,7 +244,7 @@ def _bad_line(root):
 def _unknown_id(root):
     path = root / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"
     path.write_text(path.read_text().replace("1\n", "7\n", 1))
-    return path, f":[0-9]: ID 7 of ILSVRC2012_val_0000000[0-9] is not a synset of .*meta.mat"
+    return path, ":[0-9]: ID 7 of ILSVRC2012_val_0000000[0-9] is not a synset of .*meta.mat"
 
 
 def _inner_node(root):

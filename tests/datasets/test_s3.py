@@ -174,7 +174,7 @@ def test_a_prefix_without_a_shard_set_is_one_line(aws, uploaded):
 
 
 def test_the_cli_reports_an_s3_mistake_in_one_line(server, uploaded, tmp_path):
-    cmd = [sys.executable, "-m", "byol_fast.train", *TINY_RUN, f"--data.path=s3://no-such-bucket/x",
+    cmd = [sys.executable, "-m", "byol_fast.train", *TINY_RUN, "--data.path=s3://no-such-bucket/x",
            f"--out_dir={tmp_path / 'run'}"]
     res = subprocess.run(cmd, env={**CHILD_ENV, **aws_env(tmp_path, server)}, cwd=ROOT, capture_output=True,
                          text=True, timeout=120)

@@ -1,6 +1,6 @@
-"""Survival on CPU: kill -9 and resume ends bit for bit where an uninterrupted run ends,
-torchrun's elastic restart resumes by itself, N processes compute what one process with N
-accumulation steps computes, and each user mistake stops with one line naming it."""
+"""Survival on CPU: kill -9 and resume ends bit for bit where an uninterrupted run ends (across a
+resolution ramp's change of size), torchrun's elastic restart resumes by itself, N processes compute
+what one process with N accumulation steps computes, and each user mistake stops with one line naming it."""
 import os
 import signal
 import subprocess
@@ -15,6 +15,9 @@ from byol_fast import train
 
 # 16 images, global batch 8: 2 steps per epoch, 4 epochs = 8 steps, a checkpoint at every epoch end.
 RUN = TINY_RUN + ["--optim.batch_size=8", "--epochs=4", "--optim.warmup_epochs=1"]
+# A resolution ramp: 16 px views in epochs 0-1, 32 px from epoch 2, so a run killed in epoch 2 resumes
+# from the checkpoint of the last 16 px step into the first 32 px epoch.
+RAMP = ["--data.start_image_size=16", "--data.ramp_start_epoch=1", "--data.ramp_end_epoch=2"]
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +40,7 @@ def train_cmd(images, out, launcher=(), loader="dali"):
     """loader: dali (the image folder), torchvision (the folder, PIL), shards (DALI, the tar shards), or
     pixpro (DALI, the folder, model.loss=instance+pixpro: the views' crop windows travel too)."""
     reader = ["--reader.loader=torchvision", "--reader.num_threads=0"] if loader == "torchvision" else []
-    if loader == "pixpro":
-        reader = PIXPRO
+    reader = (PIXPRO if loader == "pixpro" else reader) + RAMP
     data = shards_of(images) if loader == "shards" else images
     return [sys.executable, *launcher, *(["-m", "byol_fast.train"]), *RUN, *reader, f"--data.path={data}",
             f"--out_dir={out}"]
@@ -110,6 +112,8 @@ def test_kill_9_then_resume_ends_bit_for_bit_like_an_uninterrupted_run(images, t
                          text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "at step 4" in res.stdout and not torn.exists()
+    # Killed in the ramp's first 32 px epoch, after 16 px ones.
+    assert "epoch 0: views of 16 px" in printed and "epoch 2: views of 32 px" in printed + res.stdout
     if loader == "pixpro":  # the progress line watches the pixel head's collapse too
         assert "pixel_std*sqrt(d) " in res.stdout and "pixpro -" in res.stdout
     assert_same_weights(uninterrupted(loader), weights(killed / "last.pt"))
