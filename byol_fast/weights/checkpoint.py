@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from byol_fast.errors import CheckpointError
-from byol_fast.weights import checkpoint_schema, safe_load
+from byol_fast.weights import checkpoint_schema, isolated_read, safe_load
 
 LAST = "last.pt"
 PRETRAIN = "byol_fast.pretrain"
@@ -157,7 +157,7 @@ def load(path: str | Path, kind: str | None = None, map_location="cpu") -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:  # neither reader runs code from the file
-        state = _read_safetensors(path) if path.suffix == ".safetensors" else safe_load.read(path, map_location)
+        state = _read_safetensors(path) if path.suffix == ".safetensors" else isolated_read.read(path, map_location)
     except safe_load.UnsafeFileError as e:  # (a ValueError: caught before the readers' own errors)
         raise CheckpointError(str(e)) from None
     except OSError as e:
