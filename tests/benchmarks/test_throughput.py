@@ -272,7 +272,7 @@ def test_stage_entries_are_checked(tp):
     cfg = options.recipe.config(stage_overrides({"compile": False}))
     assert cfg.compile is False  # a variant can turn it off again
     for bad, words in [("modle", "unknown stage"), ("model:hw=1.0", "does not apply"), ("dali:hw=1.5", "must be in"),
-                       ("e2e-dali:step=worst", "only 'best'"), ("model:size=3", "not key=value"),
+                       ("e2e-dali:step=worst", "only 'best'"), ("model:depth=3", "not key=value"),
                        ("model:batch=0", ">= 1"), ("shards:shard_size=big", "not a size"),
                        ("dali:shard_size=64MB", "does not apply"), ("model:backbone=resnet9", "one of resnet18"),
                        ("dali:backbone=resnet50", "does not apply")]:
