@@ -71,34 +71,48 @@ def _identity(path: Path) -> tuple[int, int, int, int]:
 class _Server:
     """``python -m byol_fast.weights.isolated_read``, started once per process: it imports the readers
     (and torch) once, then forks one child per file. Its own process, single-threaded, so a fork
-    copies no thread, lock or device of a run, and nothing of the caller's main module."""
+    copies no thread, lock or device of a run, and nothing of the caller's main module. Each request
+    carries a number its answer repeats, so an answer left unread (a read interrupted) is skipped."""
 
     lock = threading.Lock()
     proc: subprocess.Popen | None = None
+    owner = 0  # the process that started proc: a forked copy of the caller starts its own
+    asked = 0
 
     @classmethod
     def ask(cls, request: dict, timeout: float) -> list:
         with cls.lock:
             for _ in (0, 1):
-                ready = False
-                if cls.proc is None or cls.proc.poll() is not None:
-                    cls.proc = cls._start()
-                try:
-                    cls.proc.stdin.write(json.dumps(request) + "\n")
-                    cls.proc.stdin.flush()
-                    ready, _, _ = select.select([cls.proc.stdout], [], [], timeout)
-                    line = cls.proc.stdout.readline() if ready else ""
-                except (BrokenPipeError, OSError):
-                    line = ""
-                if line:
-                    return json.loads(line)
-                cls.proc.kill()  # it died or hung: a fresh one for the next read
+                if cls.proc is None or cls.owner != os.getpid() or cls.proc.poll() is not None:
+                    cls.proc, cls.owner = cls._start(), os.getpid()
+                cls.asked += 1
+                deadline = time.monotonic() + timeout
+                answer = cls._exchange({**request, "id": cls.asked}, deadline)
+                if answer is not None:
+                    return answer
+                cls.proc.kill()  # it died or outlasted the wall time: a fresh one for the next read
                 cls.proc.wait()
                 cls.proc = None
-                if ready:  # it answered nothing: ended by a signal, tried once more
-                    continue
-                return ["limit", f"reading it took more than {request['seconds']:.0f} s"]
+                if time.monotonic() >= deadline:
+                    return ["limit", f"reading it took more than {request['seconds']:.0f} s"]
             return ["limit", "the process reading it ended without an answer"]
+
+    @classmethod
+    def _exchange(cls, request: dict, deadline: float) -> list | None:
+        """The answer to ``request``; None when the server ended or the deadline passed."""
+        try:
+            cls.proc.stdin.write(json.dumps(request) + "\n")
+            cls.proc.stdin.flush()
+            while True:
+                ready, _, _ = select.select([cls.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+                line = cls.proc.stdout.readline() if ready else ""
+                if not line:
+                    return None
+                answer = json.loads(line)
+                if answer.get("id") == request["id"]:
+                    return answer["verdict"]
+        except (OSError, ValueError):
+            return None
 
     @staticmethod
     def _start() -> subprocess.Popen:
@@ -147,7 +161,8 @@ def serve() -> None:
             os.write(write_end, json.dumps(verdict).encode())
             os._exit(0)
         os.close(write_end)
-        sys.stdout.write(json.dumps(_outcome(pid, read_end, request["seconds"])) + "\n")
+        verdict = _outcome(pid, read_end, request["seconds"])
+        sys.stdout.write(json.dumps({"id": request["id"], "verdict": verdict}) + "\n")
         sys.stdout.flush()
 
 
@@ -167,7 +182,10 @@ def _outcome(pid: int, read_end: int, seconds: float) -> list:
             chunks.append(chunk)
     _, status = os.waitpid(pid, 0)
     if chunks:
-        return json.loads(b"".join(chunks))
+        try:
+            return json.loads(b"".join(chunks))
+        except ValueError:  # cut short while it answered: what ended it says why
+            pass
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGXCPU:
         return ["limit", f"reading it took more than {seconds:.0f} s of CPU time"]
     why = f"signal {signal.Signals(os.WTERMSIG(status)).name}" if os.WIFSIGNALED(status) else \

@@ -28,3 +28,11 @@ for seed in 0 1 2; do
   one ramp $seed --data.start_image_size=23 --data.ramp_start_epoch=55 --data.ramp_end_epoch=65
 done
 one ramp16 0 --data.start_image_size=16 --data.ramp_start_epoch=55 --data.ramp_end_epoch=65
+# The train/test resolution gap: every encoder above evaluated again at 23 px (resize 27), the side
+# the ramped encoders saw for most of their training.
+for run in "$OUT"/fixed_s? "$OUT"/ramp_s?; do
+  [ -f "$run/linear23/results.json" ] && continue
+  OMP_NUM_THREADS=1 $PY -m byol_fast.linear_eval --config config/linear_demo.yaml --checkpoint $run/last.pt \
+    --data.image_size=23 --data.resize=27 --out_dir=$run/linear23 > $run.linear23.log 2>&1
+  $PY -c "import json; r=json.load(open('$run/linear23/results.json'))['final']; print('$(basename $run) at 23 px', 'top1', r['top1'])" | tee -a $OUT/summary.txt
+done
