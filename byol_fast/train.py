@@ -234,16 +234,18 @@ class Run:
         self._side = side
 
     def _steps_left(self, last_step: int) -> float:
-        """Steps to ``last_step`` in units of the current epoch's step: under a resolution ramp a
-        step costs about its pixels, so a later, larger epoch's step counts (side / side now)^2."""
-        data, now = self.cfg.data, self.cfg.data.size_at(max(self.step - 1, 0) // self.steps_per_epoch)  # measured
+        """Steps to ``last_step``, in units of the steps the progress window just timed: under a
+        resolution ramp a step costs about its pixels, so a step of a later, larger epoch counts
+        (its side / the timed side)^2. Called after a step (``self.step`` >= 1)."""
+        data = self.cfg.data
         if not data.start_image_size:
             return float(last_step - self.step)
+        timed = data.size_at((self.step - 1) // self.steps_per_epoch)  # the epoch of the last step taken
         left, step = 0.0, self.step
         while step < last_step:
             epoch = step // self.steps_per_epoch
             upto = min(last_step, (epoch + 1) * self.steps_per_epoch)
-            left += (upto - step) * (data.size_at(epoch) / now) ** 2
+            left += (upto - step) * (data.size_at(epoch) / timed) ** 2
             step = upto
         return left
 

@@ -183,7 +183,9 @@ def test_torchrun_elastic_restart_resumes_from_the_checkpoint(images, tmp_path):
     def pid_of(line):
         return int(line.split("pid ")[1].split()[0]) if "rank 0 pid" in line else None
 
-    printed = kill_when(proc, "step 3/8", pid_of)  # the worker dies; torchrun starts it again
+    # The worker dies in epoch 1, once the checkpoint of step 2 (written in the background) is on disk;
+    # torchrun starts it again.
+    printed = kill_when(proc, ("last.pt at step 2", "step 3/8"), pid_of)
     rest = proc.stdout.read()
     assert proc.wait(timeout=300) == 0, (printed + rest)[-3000:]
     assert "resumed from" in rest and "at step 2" in rest, rest[-3000:]
