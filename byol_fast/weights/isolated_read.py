@@ -45,9 +45,11 @@ def limits_for(size: int) -> tuple[float, int]:
     return BASE_SECONDS + SECONDS_PER_GB * size / 2**30, BASE_MEMORY + MEMORY_PER_FILE_BYTE * size
 
 
-def read(path: str | Path, map_location="cpu", seconds: float | None = None, memory: int | None = None):
+def read(path: str | Path, map_location="cpu", seconds: float | None = None, memory: int | None = None,
+         nodes: int = MAX_NODES):
     """The object in ``path``, as :func:`safe_load.read` returns it, once a child process has read
-    the same file within ``seconds`` and ``memory`` (default :func:`limits_for`).
+    the same file within ``seconds`` and ``memory`` (default :func:`limits_for`) and found at most
+    ``nodes`` objects in it, counted as a tree (:func:`count_nodes`).
 
     The reader's own errors (:data:`safe_load.READ_ERRORS`, UnsafeFileError) come from the child's
     read, raised here as the same class with the same message. Raises UnsafeFileError naming the file
@@ -56,7 +58,8 @@ def read(path: str | Path, map_location="cpu", seconds: float | None = None, mem
     path = Path(path)
     before = _identity(path)
     default_seconds, default_memory = limits_for(before[2])
-    _dry_run(path, default_seconds if seconds is None else seconds, default_memory if memory is None else memory)
+    _dry_run(path, default_seconds if seconds is None else seconds, default_memory if memory is None else memory,
+             nodes)
     obj = safe_load.read(path, map_location)
     if _identity(path) != before:
         raise UnsafeFileError(f"{path}: refused: it changed while it was read")
@@ -123,10 +126,10 @@ class _Server:
                                 stderr=subprocess.DEVNULL, env=env, text=True, bufsize=1)
 
 
-def _dry_run(path: Path, seconds: float, memory: int) -> None:
+def _dry_run(path: Path, seconds: float, memory: int, nodes: int) -> None:
     """Returns when the child read ``path`` within the limits; raises the reader's error it met, or
     UnsafeFileError for a limit it reached."""
-    verdict = _Server.ask({"path": str(path), "seconds": seconds, "memory": memory}, seconds + 30)
+    verdict = _Server.ask({"path": str(path), "seconds": seconds, "memory": memory, "nodes": nodes}, seconds + 30)
     kind, detail = verdict[0], verdict[1]
     if kind == "read":
         return
@@ -155,7 +158,7 @@ def serve() -> None:
             os.close(read_end)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stdout is the server's answers: never the child's
             try:
-                verdict = _child(request["path"], request["seconds"], request["memory"])
+                verdict = _child(request["path"], request["seconds"], request["memory"], request["nodes"])
             except BaseException:  # noqa: BLE001  whatever it was, the answer is that it failed
                 verdict = ["limit", "the process reading it failed"]
             os.write(write_end, json.dumps(verdict).encode())
@@ -193,7 +196,7 @@ def _outcome(pid: int, read_end: int, seconds: float) -> list:
     return ["limit", f"the process reading it ended by {why}"]
 
 
-def _child(path: str, seconds: float, memory: int) -> list:
+def _child(path: str, seconds: float, memory: int, nodes: int) -> list:
     """In the child: limits, the read, the walk; its verdict."""
     with open("/proc/self/statm") as f:
         mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
@@ -204,7 +207,7 @@ def _child(path: str, seconds: float, memory: int) -> list:
     try:
         obj = safe_load.read(path, "cpu")
         try:
-            count_nodes(obj)
+            count_nodes(obj, nodes)
         except UnsafeFileError as e:
             raise UnsafeFileError(f"{path}: refused: {e}") from None
         return ["read", ""]

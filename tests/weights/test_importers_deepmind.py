@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 
 from byol_fast import convert as convert_cli
-from byol_fast.weights import importers
+from byol_fast.weights import importers, safe_load
 from byol_fast.errors import CheckpointError
 from byol_fast.weights.checkpoint import load
 from byol_fast.weights.importers import deepmind
@@ -369,7 +369,7 @@ def test_the_resnet200x2_release_converts_and_gives_the_haiku_networks_features(
     with open(src, "wb") as f:
         dill.dump(release(params, bn_state, 4096), f, protocol=2)
     del state
-    converted = importers.convert(load(src), str(src))
+    converted = importers.convert(safe_load.read(src), str(src))  # in this process; the file read again below as users do
     assert converted.layout == "deepmind" and converted.padding == "same" and not converted.unmapped
     x = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(5))
     normed = (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
