@@ -40,11 +40,15 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $@
 
+# Test files spread over TEST_WORKERS processes (pytest-xdist), each file whole in one of them (its
+# module fixtures made once); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+TEST_ARGS = -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(TEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest $(TEST_ARGS) -m "not slow"
 
 test-gpu: install
 	$(PY) -m pytest -q -m gpu
