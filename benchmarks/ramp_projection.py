@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.table import rate  # noqa: E402
+from bench.report import at_side, side_of  # noqa: E402
+from bench.table import best_rate  # noqa: E402
 from byol_fast.config import DataConfig  # noqa: E402
 
 IMAGENET_TRAIN = 1_281_167
@@ -30,13 +31,10 @@ IMAGENET_TRAIN = 1_281_167
 
 def measured_sides(result: dict, stage: str) -> dict[int, float]:
     """side -> the best median img/s of ``stage`` measured at that side."""
-    default = result["settings"]["image_size"]
-    best: dict[int, float] = {}
-    for st in result["stages"].values():
-        if st.get("stage") == stage and rate(st):
-            side = st.get("options", {}).get("size", default)
-            best[side] = max(best.get(side, 0.0), rate(st))
-    return best
+    stages, run_side = result["stages"], result["settings"]["image_size"]
+    sides = {side_of(st, run_side) for st in stages.values()}
+    best = {side: best_rate(at_side(stages, side, run_side), stage) for side in sides}
+    return {side: r for side, r in best.items() if r}
 
 
 def project(per_side: dict[int, float], data: DataConfig, epochs: int, images: int) -> dict:

@@ -77,10 +77,15 @@ def _step_variant(stages: dict, key: str | None, **change) -> str | None:
     return best_stage(stages, "model", lambda st: st.get("step") == sig)
 
 
-def at_side(stages: dict, side: int) -> dict:
-    """The entries measured at ``side``: the ratios and the best configuration compare like with like
-    when a run measures several sides (an entry without size= runs at the run's side)."""
-    return {k: st for k, st in stages.items() if st.get("options", {}).get("size", side) == side}
+def side_of(st: dict, run_side: int) -> int:
+    """The side an entry measured: its size=, else the run's."""
+    return st.get("options", {}).get("size", run_side)
+
+
+def at_side(stages: dict, side: int, run_side: int) -> dict:
+    """The entries measured at ``side``, of a run at ``run_side``: the ratios, the best configuration
+    and step=best compare like with like when a run measures several sides."""
+    return {k: st for k, st in stages.items() if side_of(st, run_side) == side}
 
 
 def ratios(stages: dict) -> dict:

@@ -52,7 +52,7 @@ def _with_best_step(run: RunState, opts: dict) -> tuple[dict, str | None]:
     if opts.get("step") != "best":
         return opts, None
     side = opts.get("size", run.settings.image_size)
-    best = best_stage(at_side(run.stages, side), "model",
+    best = best_stage(at_side(run.stages, side, run.settings.image_size), "model",
                       lambda m: (m.get("step") or {}).get("loss", "instance") == "instance")
     if not best:
         log("  no model stage measured: the config's step")
@@ -175,8 +175,8 @@ def run(options: Options, started: float, command: str | list[str]) -> int:
         link_files(state.stages)
         return {"settings": s.record(), "environment": env, "config": to_dict(cfg), "dataset": dataset,
                 "command": command, "complete": complete, "stages": state.stages,
-                "ratios": ratios(at_side(state.stages, s.image_size)),
-                "best": best_configuration(at_side(state.stages, s.image_size)),
+                "ratios": ratios(at_side(state.stages, s.image_size, s.image_size)),
+                "best": best_configuration(at_side(state.stages, s.image_size, s.image_size)),
                 "targets": {"byol_8xV100": TARGET_BYOL_8XV100, "linear_8gpu": TARGET_LINEAR_8GPU}}
 
     try:

@@ -35,12 +35,16 @@ def test_each_image_entry_runs_once_per_side():
 def test_ratios_compare_entries_at_one_side():
     stages = {"model:size=160": {"options": {"size": 160}}, "model": {"options": {}},
               "model:size=224": {"options": {"size": 224}}}
-    assert set(at_side(stages, 224)) == {"model", "model:size=224"}
+    assert set(at_side(stages, 224, 224)) == {"model", "model:size=224"}
+    assert set(at_side(stages, 160, 224)) == {"model:size=160"}  # an entry without size= ran at 224
 
 
 def result(tmp_path, per_side: dict[int, float], default_side: int):
-    stages = {f"e2e-dali:size={side}": {"stage": "e2e-dali", "options": {"size": side},
-                                        "img_per_s": {"median": v}} for side, v in per_side.items()}
+    """A throughput result as the GPU suite leaves it: the run's side measured without size=, the
+    others with it."""
+    stages = {("e2e-dali" if side == default_side else f"e2e-dali:size={side}"):
+              {"stage": "e2e-dali", "options": {} if side == default_side else {"size": side},
+               "img_per_s": {"median": v}} for side, v in per_side.items()}
     path = tmp_path / "sides.json"
     path.write_text(json.dumps({"settings": {"image_size": default_side}, "stages": stages}))
     return path

@@ -1,6 +1,6 @@
 """DALI's CPU image decoder segfaults on a batch of 64 files when one early in the batch is not an
 image (its header does not parse); an error is raised when that file is late in the batch, or when
-fn.peek_image_shape parses the headers first. Run: python repro.py [runs] (each case in a fresh process)."""
+fn.peek_image_shape parses the headers first. Run: python benchmarks/dali_decoder_crash.py [runs] (each case in a fresh process)."""
 import os
 import subprocess
 import sys

@@ -7,7 +7,7 @@
 #           the low side for ~3/4 of training);
 #   ramp16: 16 px until epoch 59, 32 px from 60 (half the side), seed 0 only.
 # A run whose linear results exist is skipped. Results: $OUT/summary.txt, $OUT/*/linear/results.json.
-# Usage (repository root, after make install): bash benchmarks/results/2026-12-05_resolution_ramp/demo_study.sh
+# Usage (repository root, after make install): bash benchmarks/ramp_demo_study.sh
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/ramp_study}
